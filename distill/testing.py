@@ -48,3 +48,32 @@ def random_conditioning(batch_size: int, seed: int = 0, size: int = 32) -> Condi
     pooled = torch.randn(batch_size, TINY_POOLED_DIM, generator=g)
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(batch_size, 1)
     return Conditioning(prompt, pooled, time_ids)
+
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the published architecture values
+# (no weights): build with `UNet2DConditionModel(**SDXL_UNET_CONFIG)` under
+# `torch.device("meta")` to check shapes and parameter counts at real size on a CPU.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+    upcast_attention=False,
+)
+
+
+def sdxl_unet_on_meta() -> UNet2DConditionModel:
+    """The SDXL UNet architecture on the meta device: shapes and counts, no memory."""
+    with torch.device("meta"):
+        return UNet2DConditionModel(**SDXL_UNET_CONFIG)
