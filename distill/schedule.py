@@ -144,15 +144,17 @@ def next_timestep(grid: Sequence[int], t: int) -> int:
 
 def teacher_subgrid(t: int, t_next: int, teacher_steps: int,
                     num_train_timesteps: int = 1000) -> list[int]:
-    """The teacher's trailing-grid timesteps from t (inclusive) down to t_next (exclusive).
+    """The timesteps the teacher starts a `move` from, walking t → t_next: t itself, then every
+    point of its trailing grid strictly between t_next and t (METHOD.md §2 step 3).
 
-    The teacher walks these with `move`, ending at t_next (METHOD.md §2 step 3). t must lie
-    on the teacher's grid, which holds for trailing grids whose step counts divide each other.
+    When t lies on the teacher's grid (student grids always do) this is exactly the grid slice.
+    t may also be off the grid: the 1-step student trains on {999, 749, 499, 249} against a
+    2-step teacher, which from 749 steps to its own 499 and then to the clean sample.
     """
     grid = trailing_grid(teacher_steps, num_train_timesteps)
-    if t not in grid:
-        raise ValueError(f"timestep {t} is not on the {teacher_steps}-step trailing grid")
-    return [s for s in grid if t_next < s <= t]
+    if not t_next < t <= num_train_timesteps - 1:
+        raise ValueError(f"need t_next < t <= {num_train_timesteps - 1}, got t={t}, t_next={t_next}")
+    return [t] + [s for s in grid if t_next < s < t]
 
 
 def student_timesteps(student_steps: int, num_train_timesteps: int = 1000) -> list[int]:

@@ -1,0 +1,54 @@
+"""Command line of a distillation run.
+
+    python -m train CONFIG.yaml [dotted.key=value ...] [--dry-run]
+    accelerate launch [accelerate flags] -m train CONFIG.yaml [dotted.key=value ...]
+
+Re-running the same command resumes from the newest complete checkpoint in output_dir.
+`--dry-run` prints the resolved config and the expanded recipe, then exits without loading
+any model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from train.config import ConfigError, config_to_yaml, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config, e.g. configs/digits.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and recipe, then exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from distill.phases import expand_recipe
+
+        print(config_to_yaml(cfg))
+        print("# recipe")
+        for plan in expand_recipe(cfg.stages):
+            teacher = "base" if plan.teacher.stage < 0 else f"stage {plan.teacher.stage}"
+            print(f"#  {plan.index:2d} stages/{plan.stage_name}/{plan.name:<22s} form={plan.form:<4s} "
+                  f"steps={plan.steps:<6d} teacher={teacher} ({plan.teacher.steps}-step grid, "
+                  f"cfg {plan.teacher.guidance_scale:g}) prediction={plan.prediction_type}")
+        return 0
+    from train.loop import run  # imports torch/diffusers: only after the config is known good
+
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
