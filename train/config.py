@@ -9,7 +9,6 @@ Each component later receives only its own slice (`cfg.discriminator`, `cfg.data
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +150,7 @@ class RuntimeConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_nonfinite_steps: int = 10  # stop after this many skipped (non-finite) steps in a row
     nccl_timeout_s: int = 7200  # process-group timeout in seconds (rank-0 validation/export)
+    fault_nonfinite_steps: list[int] = field(default_factory=list)  # fault injection (tests): global steps whose student loss is made NaN
 
     def __post_init__(self):
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)

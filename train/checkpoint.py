@@ -1,0 +1,81 @@
+"""Resumable checkpoints inside a phase: `stages/<stage>/<phase>/checkpoint-<step>/`.
+
+accelerate's `save_state` runs on EVERY process (pitfall 1: calling it on the main process only
+deadlocks under FSDP/DeepSpeed) into `checkpoint-<step>.tmp`; after a barrier the main process
+writes `counters.json` last and renames the folder, so a folder named `checkpoint-<step>` is
+complete by construction and resuming never picks up a torn one. Data position and all
+randomness derive from the counters (seeded by (seed, rank, step)), so the counters plus
+accelerate's state (models, optimizers, EMA) are the whole state of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+
+COUNTERS_FILE = "counters.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Counters:
+    phase: int  # index into the expanded recipe
+    step: int  # optimizer steps done inside the phase
+    nonfinite_in_row: int  # consecutive skipped steps (pitfall 10)
+    skipped_total: int  # all skipped steps in the phase
+
+
+def complete_checkpoints(phase_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a phase, oldest first."""
+    if not phase_dir.is_dir():
+        return []
+    found = []
+    for child in phase_dir.iterdir():
+        match = _NAME.match(child.name)
+        if match and (child / COUNTERS_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(phase_dir: Path) -> Path | None:
+    found = complete_checkpoints(phase_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(accelerator: Accelerator, phase_dir: Path, counters: Counters, keep_last: int) -> Path:
+    """Save accelerate state on every process, then publish atomically and prune old ones."""
+    final = phase_dir / f"checkpoint-{counters.step}"
+    tmp = phase_dir / f"checkpoint-{counters.step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / COUNTERS_FILE).write_text(json.dumps(asdict(counters), indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in complete_checkpoints(phase_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> Counters:
+    accelerator.load_state(str(path))
+    return Counters(**json.loads((path / COUNTERS_FILE).read_text()))
+
+
+def remove_checkpoints(phase_dir: Path) -> None:
+    """After a phase's final is written its resumable checkpoints are no longer needed."""
+    for _, path in complete_checkpoints(phase_dir):
+        shutil.rmtree(path, ignore_errors=True)
+    for tmp in phase_dir.glob("checkpoint-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)

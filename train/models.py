@@ -1,0 +1,176 @@
+"""Loading the base model and persisting the student between phases and stages.
+
+A student on disk (`stages/<stage>/<phase>/final/`, `stages/<stage>/final/`) is:
+  unet.safetensors   the full UNet weights W in plain diffusers keys (fp32)
+  lora.safetensors   the LoRA adapter on top of W, if the student is in LoRA form (peft keys)
+  student.json       prediction type, LoRA rank/alpha/targets, where it came from
+Every file is written to a temporary directory that is renamed when complete, so a crash
+never leaves a torn final behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+from distill.schedule import NoiseSchedule
+from distill.student import (
+    add_lora,
+    has_lora,
+    load_lora_state_dict,
+    lora_settings,
+    lora_state_dict,
+    merge_lora,
+)
+from train.config import DataConfig, ModelConfig
+from train.text import TextEncoders, load_text_encoders
+
+STUDENT_FILE = "student.json"
+
+
+def cache_root(model_cfg: ModelConfig) -> Path:
+    if model_cfg.cache_dir:
+        return Path(model_cfg.cache_dir)
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "lightning-distill"))
+
+
+def is_embedded(model_cfg: ModelConfig) -> bool:
+    return model_cfg.base.startswith("digits:")
+
+
+def resolve_base(model_cfg: ModelConfig) -> Path:
+    """The base model's diffusers folder; the embedded digits model is built on first use."""
+    if is_embedded(model_cfg):
+        from train.digits_model import ensure_digits_model
+
+        return Path(ensure_digits_model(cache_root(model_cfg), model_cfg.base.split(":", 1)[1]))
+    path = Path(model_cfg.base)
+    if not (path / "unet" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.base: {path} is not a diffusers model folder (no unet/config.json). Nothing is "
+            "downloaded at run time: point it at a local copy (e.g. `huggingface-cli download "
+            "stabilityai/stable-diffusion-xl-base-1.0 --local-dir ...`), or use digits:full.")
+    return path
+
+
+def resolve_train_shards(model_cfg: ModelConfig, data_cfg: DataConfig) -> str:
+    if data_cfg.train_shards or data_cfg.latent_shards:
+        return data_cfg.train_shards
+    if not is_embedded(model_cfg):
+        raise ValueError("data.train_shards: required unless model.base is an embedded digits model")
+    from train.digits_data import ensure_digits_shards
+
+    urls = ensure_digits_shards(cache_root(model_cfg)).train_urls
+    return urls if isinstance(urls, str) else " ".join(urls)
+
+
+@dataclass
+class BaseModel:
+    """The frozen parts of the original base model, shared by every phase."""
+
+    path: Path
+    unet: UNet2DConditionModel  # fp32, frozen: teacher of stage 0, discriminator backbone source
+    vae: AutoencoderKL
+    text: TextEncoders
+    schedule: NoiseSchedule
+    prediction_type: str  # of the base UNet's output
+    scheduler_config: dict
+
+
+def load_base(path: Path, model_cfg: ModelConfig, device: torch.device, vae_dtype: torch.dtype,
+              text: bool = True) -> BaseModel:
+    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    prediction_type = model_cfg.prediction_type
+    if prediction_type == "auto":
+        prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
+    unet.requires_grad_(False).eval().to(device)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
+    vae.requires_grad_(False).eval().to(device)
+    encoders = load_text_encoders(path, device=device, dtype=torch.float32) if text else None
+    return BaseModel(path, unet, vae, encoders, NoiseSchedule.from_scheduler_config(scheduler_config),
+                     prediction_type, scheduler_config)
+
+
+def plain_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """W in plain diffusers keys, whether or not a peft adapter is injected (adapter dropped)."""
+    state = {}
+    for key, value in unet.state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value.detach().to("cpu", torch.float32).contiguous()
+    return state
+
+
+def fresh_unet(base: BaseModel) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_config(base.unet.config)
+
+
+@dataclass(frozen=True)
+class SavedStudent:
+    path: Path
+    prediction_type: str
+    lora_rank: int  # 0 = no adapter
+    lora_alpha: float
+
+
+def save_student(unet: UNet2DConditionModel, prediction_type: str, path: Path, origin: str) -> None:
+    """Write a student atomically (temp dir + rename). Call on the main process only."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(plain_state_dict(unet), tmp / "unet.safetensors")
+    meta = {"prediction_type": prediction_type, "origin": origin, "lora": None}
+    if has_lora(unet):
+        settings = lora_settings(unet)
+        save_file({k: v.detach().cpu().float().contiguous() for k, v in lora_state_dict(unet).items()},
+                  tmp / "lora.safetensors")
+        meta["lora"] = {"rank": settings.rank, "alpha": settings.alpha,
+                        "target_modules": list(settings.target_modules)}
+    (tmp / STUDENT_FILE).write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def read_student(path: Path) -> SavedStudent:
+    meta = json.loads((path / STUDENT_FILE).read_text())
+    lora = meta["lora"] or {}
+    return SavedStudent(path, meta["prediction_type"], lora.get("rank", 0), lora.get("alpha", 0.0))
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STUDENT_FILE).is_file()
+
+
+def load_student(path: Path, base: BaseModel, *, fold_lora: bool) -> tuple[UNet2DConditionModel, str]:
+    """A saved student as a UNet on the base's device; with fold_lora its adapter is merged."""
+    saved = read_student(path)
+    unet = fresh_unet(base)
+    unet.load_state_dict(load_file(path / "unet.safetensors"))
+    if saved.lora_rank:
+        add_lora(unet, saved.lora_rank, saved.lora_alpha)
+        load_lora_state_dict(unet, load_file(path / "lora.safetensors"))
+        if fold_lora:
+            merge_lora(unet)
+    return unet.to(base.unet.device), saved.prediction_type
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Make dst a complete copy of the student folder src (hard links where possible)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)

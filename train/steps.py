@@ -1,0 +1,207 @@
+"""One optimizer step of each phase kind (METHOD.md §2–3), given built models and a batch.
+
+The loop owns order, data, checkpoints and logging; this file owns what happens inside a
+step: drawing (t, t'), the teacher target, the student move, the losses, and the alternating
+discriminator / student updates. Randomness comes only from the `generator` passed in, which
+the loop seeds from (seed, rank, step), so a resumed run draws exactly what it would have.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+
+from discriminator.losses import (
+    hinge_d_loss,
+    hinge_g_loss,
+    nonsaturating_d_loss,
+    nonsaturating_g_loss,
+    r1_penalty,
+)
+from discriminator.model import Discriminator, EncoderFeatures
+from discriminator.renoise import renoise
+from distill.conditioning import Conditioning
+from distill.phases import PhasePlan
+from distill.schedule import NoiseSchedule, next_timestep, trailing_grid, training_input
+from distill.student import Student, mse_loss, x0_conversion_loss
+from distill.teacher import Teacher
+from train.config import DiscriminatorConfig
+
+
+@dataclass(frozen=True)
+class TrainingPoint:
+    """Where one batch enters the student: x_t at t, to be moved to t' (METHOD.md §2 steps 1–2)."""
+
+    x0: Tensor
+    x_t: Tensor
+    t: Tensor
+    t_next: Tensor
+
+
+def draw_point(plan: PhasePlan, schedule: NoiseSchedule, x0: Tensor, generator: torch.Generator) -> TrainingPoint:
+    """t uniform over the phase's training timesteps, t' the next point of the student's grid."""
+    batch = x0.shape[0]
+    choices = torch.tensor(plan.train_timesteps, dtype=torch.long)
+    t = choices[torch.randint(len(choices), (batch,), generator=generator)]
+    grid = trailing_grid(plan.student_steps, schedule.num_train_timesteps)
+    t_next = torch.tensor([next_timestep(grid, int(s)) for s in t], dtype=torch.long)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    t, t_next = t.to(x0.device), t_next.to(x0.device)
+    return TrainingPoint(x0, training_input(schedule, x0, eps, t), t, t_next)
+
+
+@dataclass
+class StepOutcome:
+    """What a step did, for logging and the non-finite guard."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    ok: bool = True  # False: the student update was skipped (non-finite loss or gradient)
+
+
+class Updater:
+    """Backward + clip + optimizer step, skipping non-finite updates (pitfall 10).
+
+    The finite check is reduced over processes so every rank skips together.
+    """
+
+    def __init__(self, accelerator: Accelerator, max_grad_norm: float):
+        self.accelerator = accelerator
+        self.max_grad_norm = max_grad_norm
+
+    def __call__(self, loss: Tensor, optimizer, params, retain_graph: bool = False) -> tuple[bool, float]:
+        acc = self.accelerator
+        finite_loss = bool(torch.isfinite(loss.detach()).all())
+        if finite_loss:
+            acc.backward(loss, retain_graph=retain_graph)
+        if acc.sync_gradients:
+            if self.max_grad_norm > 0:
+                norm = acc.clip_grad_norm_(params, self.max_grad_norm)
+            else:
+                grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+                norm = torch.stack(grads).norm() if grads else torch.zeros(())
+            norm = float(norm) if finite_loss else math.nan
+        else:
+            norm = 0.0
+        ok = torch.tensor(1.0 if finite_loss and math.isfinite(norm) else 0.0, device=acc.device)
+        ok = bool(acc.reduce(ok, reduction="sum") >= acc.num_processes)
+        if ok:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return ok, norm
+
+
+def mse_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, *, student: Student,
+             teacher: Teacher, schedule: NoiseSchedule, accelerator: Accelerator, update: Updater,
+             optimizer, params, poison: bool) -> StepOutcome:
+    """METHOD.md §3 "mse": L = mean ||x_hat − x_target||²."""
+    with accelerator.autocast():
+        target = teacher.target(point.x_t, point.t, point.t_next, cond, plan.teacher.steps)
+        x_hat = student.step(schedule, point.x_t, point.t, point.t_next, cond).x_hat
+        loss = mse_loss(x_hat, target)
+    loss = loss * math.nan if poison else loss
+    ok, norm = update(loss, optimizer, params)
+    return StepOutcome({"loss_mse": float(loss), "grad_norm": norm}, ok)
+
+
+def x0_convert_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, *, student: Student,
+                    teacher: Teacher, schedule: NoiseSchedule, accelerator: Accelerator,
+                    update: Updater, optimizer, params, poison: bool) -> StepOutcome:
+    """METHOD.md §3 "x0_convert": the student learns x0(x_t, eps_frozen, t) directly."""
+    with accelerator.autocast():
+        loss = x0_conversion_loss(student, teacher.unet, schedule, point.x_t, point.t, cond)
+    loss = loss * math.nan if poison else loss
+    ok, norm = update(loss, optimizer, params)
+    return StepOutcome({"loss_x0": float(loss), "grad_norm": norm}, ok)
+
+
+@dataclass(frozen=True)
+class Judged:
+    """The discriminator's inputs for one step: real and fake samples at timesteps t_judged."""
+
+    real: Tensor
+    fake: Tensor  # carries the graph back to the student
+    t: Tensor
+
+
+def judged_samples(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, *, student: Student,
+                   teacher: Teacher, schedule: NoiseSchedule, d_cfg: DiscriminatorConfig, step: int,
+                   generator: torch.Generator, accelerator: Accelerator) -> tuple[Judged, Tensor, Tensor]:
+    """Real = the teacher's x_target, fake = the student's x_hat (METHOD.md §3); dataset
+    images never play "real". With re-noising (1- and 2-step stages), both are taken as x0
+    estimates — the x0 of the (x0, eps) pair that produced each end point — and noised to
+    one shared t* with one shared noise, weights switching after `renoise_switch_step`."""
+    with accelerator.autocast():
+        walk = teacher.walk(point.x_t, point.t, point.t_next, cond, plan.teacher.steps)
+        moved = student.step(schedule, point.x_t, point.t, point.t_next, cond)
+    if not plan.renoise:
+        return Judged(walk.x, moved.x_hat, point.t_next), moved.x_hat, walk.x
+    weights = d_cfg.renoise_weights if step < d_cfg.renoise_switch_step else d_cfg.renoise_late_weights
+    noised = renoise(schedule, walk.x0.to(moved.pred.x0.dtype), moved.pred.x0,
+                     d_cfg.renoise_timesteps, weights, generator)
+    return Judged(noised.real, noised.fake, noised.t), moved.x_hat, walk.x
+
+
+def adversarial_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, *, student: Student,
+                     teacher: Teacher, discriminator, schedule: NoiseSchedule, d_cfg: DiscriminatorConfig,
+                     accelerator: Accelerator, update: Updater, optimizer_g, params_g, optimizer_d,
+                     params_d, step: int, generator: torch.Generator, poison: bool) -> StepOutcome:
+    """Alternating D then G updates (default 1:1), METHOD.md §3.
+
+    D step: the DDP-wrapped discriminator on [real; fake.detach()] in ONE forward.
+    G step: the unwrapped discriminator with its parameters frozen (pitfall 6: no DDP
+    "marked ready twice", no gradients into D), gradients flowing through it to the student.
+    """
+    d_raw: Discriminator = accelerator.unwrap_model(discriminator)
+    judged, x_hat, x_target = judged_samples(plan, point, cond, student=student, teacher=teacher,
+                                   schedule=schedule, d_cfg=d_cfg, step=step, generator=generator,
+                                   accelerator=accelerator)
+    context = None
+    if plan.conditional:
+        # x_t's features are the same for real and fake: computed once per step. Without a
+        # trainable backbone they do not change in the D update either, so G reuses them.
+        with torch.no_grad(), accelerator.autocast():
+            context = d_raw.encode(point.x_t, point.t, cond)
+    metrics: dict[str, float] = {}
+    real = judged.real.detach()
+    for _ in range(d_cfg.d_steps_per_g_step):
+        with accelerator.autocast():
+            both = torch.cat([real, judged.fake.detach()])
+            if d_cfg.r1_weight > 0:
+                both.requires_grad_(True)
+            logits = discriminator(both, torch.cat([judged.t, judged.t]), cond.cat(cond),
+                                   _twice(context))
+            real_logits, fake_logits = logits.float().chunk(2)
+            d_loss = (nonsaturating_d_loss if d_cfg.loss == "nonsaturating" else hinge_d_loss)(
+                real_logits, fake_logits)
+            loss_d = d_loss.loss
+            if d_cfg.r1_weight > 0:
+                loss_d = loss_d + d_cfg.r1_weight / 2 * r1_penalty(real_logits, both)
+        ok_d, _ = update(loss_d, optimizer_d, params_d)
+        metrics.update(loss_d=float(loss_d), d_acc_real=float(d_loss.real_accuracy),
+                       d_acc_fake=float(d_loss.fake_accuracy), d_ok=float(ok_d))
+    if plan.conditional and d_cfg.backbone_trainable:
+        with torch.no_grad(), accelerator.autocast():
+            context = d_raw.encode(point.x_t, point.t, cond)
+    d_raw.requires_grad_(False)
+    try:
+        with accelerator.autocast():
+            fake_logits = d_raw(judged.fake, judged.t, cond, context).float()
+            loss_g = (nonsaturating_g_loss if d_cfg.loss == "nonsaturating" else hinge_g_loss)(fake_logits)
+            if d_cfg.mse_weight > 0:  # optional MSE mixed in (METHOD.md §3; paper: 0)
+                loss_g = loss_g + d_cfg.mse_weight * mse_loss(x_hat, x_target)
+        loss_g = loss_g * math.nan if poison else loss_g
+        ok, norm = update(loss_g, optimizer_g, params_g)
+    finally:
+        d_raw.requires_grad_(True)
+    metrics.update(loss_g=float(loss_g), grad_norm=norm)
+    return StepOutcome(metrics, ok)
+
+
+def _twice(context: EncoderFeatures | None) -> EncoderFeatures | None:
+    if context is None:
+        return None
+    return EncoderFeatures([torch.cat([d, d]) for d in context.down], torch.cat([context.mid, context.mid]))
