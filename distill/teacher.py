@@ -154,4 +154,4 @@ def _per_sample(t: Tensor | int, like: Tensor) -> Tensor:
     return t
 
 
-__all__ = ["CLEAN", "Teacher"]
+__all__ = ["CLEAN", "Teacher", "TeacherWalk"]
