@@ -331,6 +331,7 @@ def _train_phase(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], out: Path
     final_unet = accelerator.unwrap_model(unet)
     if ema is not None:
         ema.copy_to_params()
+    _check_ranks_agree(accelerator, final_unet, plan, tracker, phase_begin + plan.steps)
     if accelerator.is_main_process:
         save_student(final_unet, student.prediction_type, phase_dir / "final",
                      origin=f"{plan.stage_name}/{plan.name} after {plan.steps} steps")
@@ -339,6 +340,18 @@ def _train_phase(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], out: Path
         remove_checkpoints(phase_dir)
     accelerator.free_memory()
     del unet, disc, opt_g, opt_d, teacher, student
+
+
+def _check_ranks_agree(accelerator: Accelerator, unet, plan: PhasePlan, tracker: Tracker,
+                       global_step: int) -> None:
+    """Every rank must end a phase with the same student; a silent DDP divergence would
+    otherwise only show up as a bad export. Compares a float64 checksum of the weights."""
+    checksum = torch.stack([p.detach().double().sum() for p in unet.parameters()]).sum()
+    sums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).tolist()
+    tracker.log({"global_step": global_step, "event": "phase_end", "stage": plan.stage_name,
+                 "phase": plan.name, "rank_weight_checksums": sums})
+    if max(sums) - min(sums) > 1e-9 * max(1.0, abs(sums[0])):
+        raise RuntimeError(f"ranks disagree on the student after {plan.stage_name}/{plan.name}: {sums}")
 
 
 def _one_step(cfg, plan, point, cond, student, teacher, disc, base, accelerator, update, opt_g, params_g,

@@ -104,7 +104,7 @@ def mse_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, *, stude
         loss = mse_loss(x_hat, target)
     loss = loss * math.nan if poison else loss
     ok, norm = update(loss, optimizer, params)
-    return StepOutcome({"loss_mse": float(loss), "grad_norm": norm}, ok)
+    return StepOutcome({"loss_mse": float(loss.detach()), "grad_norm": norm}, ok)
 
 
 def x0_convert_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, *, student: Student,
@@ -115,7 +115,7 @@ def x0_convert_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, *
         loss = x0_conversion_loss(student, teacher.unet, schedule, point.x_t, point.t, cond)
     loss = loss * math.nan if poison else loss
     ok, norm = update(loss, optimizer, params)
-    return StepOutcome({"loss_x0": float(loss), "grad_norm": norm}, ok)
+    return StepOutcome({"loss_x0": float(loss.detach()), "grad_norm": norm}, ok)
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def adversarial_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, 
             if d_cfg.r1_weight > 0:
                 loss_d = loss_d + d_cfg.r1_weight / 2 * r1_penalty(real_logits, both)
         ok_d, _ = update(loss_d, optimizer_d, params_d)
-        metrics.update(loss_d=float(loss_d), d_acc_real=float(d_loss.real_accuracy),
+        metrics.update(loss_d=float(loss_d.detach()), d_acc_real=float(d_loss.real_accuracy),
                        d_acc_fake=float(d_loss.fake_accuracy), d_ok=float(ok_d))
     if plan.conditional and d_cfg.backbone_trainable:
         with torch.no_grad(), accelerator.autocast():
@@ -197,7 +197,7 @@ def adversarial_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, 
         ok, norm = update(loss_g, optimizer_g, params_g)
     finally:
         d_raw.requires_grad_(True)
-    metrics.update(loss_g=float(loss_g), grad_norm=norm)
+    metrics.update(loss_g=float(loss_g.detach()), grad_norm=norm)
     return StepOutcome(metrics, ok)
 
 
