@@ -237,6 +237,9 @@ def _train_phase(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], out: Path
                  shards: str, accelerator: Accelerator, tracker: Tracker) -> None:
     phase_dir = out / "stages" / plan.stage_name / plan.name
     start = _start_dir(plan, plans, out)
+    # Fresh LoRA factors and discriminator heads draw from the global RNG: seed it from the
+    # phase index so every rank and every (re)start of this phase initialises identically.
+    torch.manual_seed(stream_seed(cfg.seed, "phase-init", plan.index))
     student = _build_student(cfg, plan, start, base)
     teacher_dtype = DTYPES[cfg.runtime.mixed_precision]
     teacher = _build_teacher(plan, plans, out, base, student.unet, start, teacher_dtype)
@@ -249,7 +252,6 @@ def _train_phase(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], out: Path
     disc = opt_d = None
     params_d: list = []
     if plan.adversarial:
-        torch.manual_seed(stream_seed(cfg.seed, "discriminator", plan.index))  # same heads on all ranks
         latent_size = cfg.data.resolution // (2 ** (len(base.vae.config.block_out_channels) - 1))
         d_cfg = cfg.discriminator
         disc = Discriminator(base.unet, conditional=plan.conditional, bucket_edges=d_cfg.bucket_edges,
@@ -397,9 +399,12 @@ def _finish_stage(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], out: Pat
             unet, prediction_type = load_student(stage_final, base, fold_lora=True)
             _validate(cfg, plan, unet, prediction_type, base, out, tracker,
                       phase_start_step(plans, plan.index) + plan.steps, tag="final")
-        if cfg.export.enabled:
+        stage_json = out / "stages" / plan.stage_name / "stage.json"
+        if not (fresh or not stage_json.is_file()):
+            written = [Path(p) for p in json.loads(stage_json.read_text())["exports"]]
+        elif cfg.export.enabled:
             written = _export_stage(cfg, out, plan.stage)
-        (out / "stages" / plan.stage_name / "stage.json").write_text(json.dumps(
+        stage_json.write_text(json.dumps(
             {"stage": plan.stage, "student_steps": plan.student_steps,
              "prediction_type": plan.prediction_type, "exports": [str(p) for p in written]}, indent=2))
     accelerator.wait_for_everyone()

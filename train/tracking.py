@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 from train.config import LoggingConfig
@@ -56,7 +57,7 @@ def _init_wandb(output_dir: Path, project: str, run_config: dict):
     import wandb
 
     id_file = output_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     return wandb.init(project=project, id=run_id, resume="allow", dir=str(output_dir),
                       name=output_dir.name, config=run_config)

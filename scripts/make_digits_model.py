@@ -1,0 +1,38 @@
+"""Build the embedded digits teacher (a tiny SDXL-format model) as a diffusers folder.
+
+    python scripts/make_digits_model.py --out DIR [--size tiny|full] [--seed N]
+    python scripts/make_digits_model.py [--size full] [--cache-root DIR]   # into the cache
+
+Without --out the model goes to the cache (`$DISTILL_CACHE` or ~/.cache/lightning-distill)
+and an existing cached copy is reused. See train/digits_model.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+
+from train.digits_model import SPECS, build_digits_model, ensure_digits_model, read_model_info
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="output folder (default: the cache, reused)")
+    p.add_argument("--size", default="full", choices=sorted(SPECS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-root", default=None, help="cache root (default $DISTILL_CACHE)")
+    args = p.parse_args()
+    start = time.time()
+    if args.out is not None:
+        report = asdict(build_digits_model(args.out, args.size, args.seed, args.cache_root))
+    else:
+        path = ensure_digits_model(args.cache_root, args.size, args.seed)
+        report = read_model_info(path)["metrics"] | {"path": str(path)}
+    print(json.dumps(report, indent=2))
+    print(f"done in {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

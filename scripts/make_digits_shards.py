@@ -1,0 +1,27 @@
+"""Write the digits as webdataset shards (img2dataset layout): train and held-out splits.
+
+    python scripts/make_digits_shards.py --out DIR [--seed N] [--shard-size 256]
+
+See train/digits_data.py for the sample format.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from train.digits_data import write_digits_shards
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
+    p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
+    args = p.parse_args()
+    for key, value in asdict(write_digits_shards(args.out, args.seed, args.shard_size)).items():
+        print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The training loop end to end, in real subprocesses on the tiny digits model.
+
+Covers: the whole tiny recipe (all stages, exports, grids, metrics, wandb offline with images,
+an injected non-finite step), resume after SIGKILL inside a phase giving the same weights as an
+uninterrupted run, stopping after too many non-finite steps with the checkpoint kept, and
+`accelerate launch --cpu --num_processes 2` with both ranks agreeing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ["32step", "8step", "4step", "2step", "1step"]
+
+# A two-stage recipe with a long enough adversarial LoRA phase to be killed inside.
+SHORT_RECIPE = """
+stages:
+  - teacher_steps: 32
+    student_steps: 8
+    guidance_scale: 3.0
+    phases:
+      - {kind: mse, steps: 2, form: full}
+  - teacher_steps: 8
+    student_steps: 2
+    phases:
+      - {kind: adv_conditional, steps: 8, form: lora}
+      - {kind: merge, steps: 0, form: lora}
+      - {kind: adv_unconditional, steps: 2, form: full}
+"""
+
+
+def _env() -> dict:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def _train_cmd(config: Path | str, out: Path, cache: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "train", str(config), f"output_dir={out}", f"model.cache_dir={cache}",
+            *overrides]
+
+
+def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _short_config(tmp_path: Path) -> Path:
+    base = (ROOT / "configs/tiny.yaml").read_text()
+    head = base[: base.index("stages:")]
+    tail = base[base.index("student:"):]
+    path = tmp_path / "short.yaml"
+    path.write_text(head + SHORT_RECIPE.lstrip("\n") + tail)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(digits_cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    result = _run(_train_cmd("configs/tiny.yaml", out, digits_cache, "logging.wandb=true",
+                             "runtime.fault_nonfinite_steps=[4]"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def test_tiny_recipe_runs_every_stage_and_phase(tiny_run):
+    for stage in STAGES:
+        final = tiny_run / "stages" / stage / "final"
+        assert (final / "unet.safetensors").is_file() and (final / "student.json").is_file()
+        assert (tiny_run / "samples").glob(f"{stage}_*_final.png")
+    assert json.loads((tiny_run / "stages/1step/final/student.json").read_text())["prediction_type"] == "sample"
+    assert json.loads((tiny_run / "stages/8step/final/student.json").read_text())["prediction_type"] == "epsilon"
+    # merge phases leave a plain UNet (no adapter); LoRA phases keep one
+    assert not (tiny_run / "stages/8step/2_merge/final/lora.safetensors").exists()
+    assert (tiny_run / "stages/8step/1_adv_unconditional/final/lora.safetensors").exists()
+    # finished phases keep no resumable checkpoints
+    assert not list((tiny_run / "stages").glob("*/*/checkpoint-*"))
+    assert (tiny_run / "config.yaml").is_file()
+
+
+def test_metrics_cover_every_phase_with_losses(tiny_run):
+    rows = [r for r in read_metrics(tiny_run) if "step" in r and "event" not in r]
+    phases = {(r["stage"], r["phase"]) for r in rows}
+    assert len(phases) == 13  # 16 phases minus 3 merges
+    adversarial = [r for r in rows if "adv" in r["phase"]]
+    assert adversarial and all({"loss_d", "loss_g", "d_acc_real", "d_acc_fake"} <= r.keys() for r in adversarial)
+    assert all(r["samples_per_s"] > 0 for r in rows)
+
+
+def test_injected_nonfinite_step_is_skipped_and_run_continues(tiny_run):
+    rows = [r for r in read_metrics(tiny_run) if "step_ok" in r]
+    bad = [r for r in rows if not r["step_ok"]]
+    assert [r["global_step"] for r in bad] == [5]  # global step 4 is the 5th step
+    assert rows[-1]["global_step"] == 27
+
+
+def test_wandb_offline_run_has_images(tiny_run):
+    runs = list((tiny_run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    images = list(runs[0].glob("files/media/images/**/*.png"))
+    assert len(images) >= len(STAGES)
+    assert (tiny_run / "wandb_id.txt").read_text().strip() in runs[0].name
+
+
+def test_exports_written_per_stage(tiny_run):
+    names = sorted(p.name for p in (tiny_run / "export").glob("*.safetensors"))
+    assert "tiny_lightning_4step_unet.safetensors" in names
+    assert "tiny_lightning_1step_unet_x0.safetensors" in names
+
+
+def test_rerun_of_finished_run_redoes_nothing(tiny_run, digits_cache):
+    before = (tiny_run / "stages/4step/final/unet.safetensors").stat().st_mtime_ns
+    rows_before = len(read_metrics(tiny_run))
+    result = _run(_train_cmd("configs/tiny.yaml", tiny_run, digits_cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tiny_run / "stages/4step/final/unet.safetensors").stat().st_mtime_ns == before
+    assert not [r for r in read_metrics(tiny_run)[rows_before:] if "step_ok" in r]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(digits_cache, tmp_path):
+    config = _short_config(tmp_path)
+    overrides = ("checkpoint.every_steps=2", "checkpoint.keep_last=2")
+    straight = tmp_path / "straight"
+    result = _run(_train_cmd(config, straight, digits_cache, *overrides))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    phase_dir = killed / "stages/2step/0_adv_conditional"
+    proc = subprocess.Popen(_train_cmd(config, killed, digits_cache, *overrides), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (phase_dir / "checkpoint-4").exists():
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (phase_dir / "final").exists(), "killed too late: the phase had finished"
+
+    result = _run(_train_cmd(config, killed, digits_cache, *overrides))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed 2step/0_adv_conditional at step" in result.stderr
+    a = load_file(straight / "stages/2step/final/unet.safetensors")
+    b = load_file(killed / "stages/2step/final/unet.safetensors")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+    # and the phase really trained: weights differ from the merge input
+    merged = load_file(killed / "stages/2step/1_merge/final/unet.safetensors")
+    assert max(float((merged[k] - b[k]).abs().max()) for k in b) > 0
+
+
+def test_too_many_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(digits_cache, tmp_path):
+    config = _short_config(tmp_path)
+    out = tmp_path / "nan"
+    result = _run(_train_cmd(config, out, digits_cache, "checkpoint.every_steps=2",
+                             "runtime.max_nonfinite_steps=2", "runtime.fault_nonfinite_steps=[6,7]"))
+    assert result.returncode != 0
+    assert "2 non-finite steps in a row at 2step/0_adv_conditional step 5" in result.stderr
+    kept = out / "stages/2step/0_adv_conditional/checkpoint-4"
+    assert (kept / "counters.json").is_file()
+    assert json.loads((kept / "counters.json").read_text())["step"] == 4
+
+
+def test_accelerate_two_processes_agree(digits_cache, tmp_path):
+    config = _short_config(tmp_path)
+    out = tmp_path / "ddp"
+    # accelerate's `--cpu --num_processes 2` needs mpirun; its torchrun path (`--multi_gpu`)
+    # with ACCELERATE_USE_CPU=1 runs two gloo processes on one machine (README, Multi-GPU).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29517",
+           "-m", "train", str(config), f"output_dir={out}", f"model.cache_dir={digits_cache}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=dict(_env(), ACCELERATE_USE_CPU="1"), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ends = [r for r in read_metrics(out) if r.get("event") == "phase_end"]
+    assert len(ends) == 3
+    for row in ends:
+        sums = row["rank_weight_checksums"]
+        assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=1e-12)
+    assert torch.isfinite(torch.stack([v.float().sum() for v in
+                                       load_file(out / "stages/2step/final/unet.safetensors").values()])).all()

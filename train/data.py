@@ -1,0 +1,448 @@
+"""Training data: webdataset streams of images (img2dataset layout) or precomputed latents.
+
+Two shard layouts, both plain tar files readable by webdataset:
+
+- image shards (img2dataset): KEY.png|jpg|jpeg|webp, KEY.txt (caption), optional KEY.json
+  (`width`, `height`, and `original_width`/`original_height` when img2dataset resized);
+- latent shards (written by `scripts/precompute_latents.py`): KEY.latents.npy,
+  KEY.prompt_embeds.npy, KEY.pooled.npy, KEY.time_ids.npy, KEY.txt. Arrays are `.npy`
+  bytes read with `allow_pickle=False`: nothing in a shard can execute code.
+
+Training streams are *resampled*: every (rank, DataLoader worker) draws shards with
+replacement from its own RNG, forever, so the loop simply calls `next()`. The RNG seed is a
+hash of (seed, rank, resume_step, worker): different ranks see different streams, and a run
+resumed at step k starts a fresh stream instead of replaying the samples it already trained
+on (ARCHITECTURE.md pitfall 7). The single-pass reader (`image_loader_single_pass`) is the
+deterministic, non-resampled order used to precompute latents.
+
+Bad samples (unreadable shard, corrupt tar, undecodable or truncated image, missing or empty
+caption) are skipped with a warning naming the sample key and counted by reason. The counts
+live in the process that decodes (a DataLoader worker when num_workers > 0), so every batch
+carries its worker's cumulative counts and `SampleStream.skip_counts` sums the latest counts
+of each worker in the training process. Skips after a worker's last delivered batch are
+reported with its next batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from distill.conditioning import Conditioning
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+LATENT_FIELDS = ("latents.npy", "prompt_embeds.npy", "pooled.npy", "time_ids.npy")
+# A resampled stream that opens this many shards in a row without one sample, or decodes
+# this many unusable samples in a row, is broken (all shards missing, corrupt, or of another
+# layout): raise instead of warning forever.
+MAX_EMPTY_SHARDS_IN_A_ROW = 100
+MAX_BAD_SAMPLES_IN_A_ROW = 1000
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """B images ready for the VAE, with their captions and SDXL micro-conditioning.
+
+    pixels: (B, 3, H, W) float32 in [-1, 1].
+    time_ids: (B, 6) float32 (orig_h, orig_w, crop_top, crop_left, target_h, target_w),
+        height first (pitfall 4); crops in the coordinates of the resized image.
+    skip_counts: cumulative skipped samples by reason in the worker that built this batch.
+    """
+
+    pixels: Tensor
+    captions: list[str]
+    time_ids: Tensor
+    keys: list[str]
+    worker: int
+    skip_counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class LatentBatch:
+    """B precomputed VAE latents (already times scaling_factor) and their text conditioning."""
+
+    latents: Tensor
+    cond: Conditioning
+    captions: list[str]
+    keys: list[str]
+    worker: int
+    skip_counts: dict[str, int]
+
+
+class SkipCounter:
+    """Skipped samples by reason, in the process that decodes them; logs each skip."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.shard: tuple[int, str] = (-1, "")  # (visit number, url) of the shard being read
+        self._failed_visit = -2
+
+    def skip(self, reason: str, where: str, detail: object = "") -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        logger.warning("skipping sample %s (%s): %s", where, reason, detail)
+
+    def tar_handler(self, exn: Exception) -> bool:
+        """webdataset handler hook: count a shard-level error once per shard, go to the next.
+
+        webdataset may report one torn tar twice (member read, then the tar iterator);
+        counting per shard visit keeps "corrupt_tar" = shards abandoned.
+        """
+        visit, url = self.shard
+        if visit != self._failed_visit:
+            self._failed_visit = visit
+            unreadable = isinstance(exn, OSError) and not isinstance(exn, tarfile.TarError)
+            self.skip("unreadable_shard" if unreadable else "corrupt_tar", url, repr(exn))
+        return True
+
+
+B = TypeVar("B", ImageBatch, LatentBatch)
+
+
+class SampleStream(Generic[B]):
+    """Batches from a DataLoader, plus the skip counts summed over its workers.
+
+    Iterate it once and keep the iterator: each new iteration restarts the workers and
+    replays the stream from its seed.
+    """
+
+    def __init__(self, dataset: IterableDataset, num_workers: int) -> None:
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+        self._latest: dict[int, dict[str, int]] = {}
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for counts in self._latest.values():
+            for reason, n in counts.items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+    def __iter__(self) -> Iterator[B]:
+        for batch in self._loader:
+            self._latest[batch.worker] = batch.skip_counts
+            yield batch
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Shard paths from a path, a brace pattern ("dir/train-{000000..000003}.tar") or a list."""
+    patterns = [urls] if isinstance(urls, (str, Path)) else list(urls)
+    out = [str(u) for p in patterns for u in braceexpand.braceexpand(str(p))]
+    if not out:
+        raise ValueError(f"no shards in {urls!r}")
+    return out
+
+
+def stream_seed(*parts: object) -> int:
+    """A 64-bit seed from (seed, rank, resume_step, worker, purpose); stable across runs."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+@dataclass(frozen=True)
+class _ShardPlan:
+    urls: tuple[str, ...]
+    resampled: bool
+    seed: int
+    rank: int
+    world_size: int
+    resume_step: int
+
+    def worker_seed(self, worker: int, purpose: str) -> int:
+        return stream_seed(self.seed, self.rank, self.resume_step, worker, purpose)
+
+    def shards(self, worker: int, num_workers: int) -> Iterator[str]:
+        """This (rank, worker)'s shards: a disjoint slice of the list, resampled or in order."""
+        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
+        mine = self.urls[slot::slots]
+        if not self.resampled:
+            yield from mine
+            return
+        # Fewer shards than streams: every stream resamples all shards; seeds still differ.
+        mine = mine if len(self.urls) >= slots else self.urls
+        rng = random.Random(self.worker_seed(worker, "shards"))
+        while True:
+            yield rng.choice(mine)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+
+
+class _BatchStream(IterableDataset):
+    """Shards → tar samples → decoded items → shuffle buffer → batches, per worker."""
+
+    def __init__(self, plan: _ShardPlan, decode: Callable, collate: Callable, *,
+                 batch_size: int, shuffle_buffer: int, drop_last: bool) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.plan, self.decode, self.collate = plan, decode, collate
+        self.batch_size, self.shuffle_buffer, self.drop_last = batch_size, shuffle_buffer, drop_last
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        counter = SkipCounter()
+        raw_samples = [0]
+
+        def shard_dicts() -> Iterator[dict]:
+            empty, last = 0, 0
+            for visit, url in enumerate(self.plan.shards(worker, num_workers)):
+                counter.shard = (visit, url)
+                empty, last = (empty + 1, last) if raw_samples[0] == last else (0, raw_samples[0])
+                if self.plan.resampled and empty > MAX_EMPTY_SHARDS_IN_A_ROW:
+                    raise RuntimeError(f"{empty} shards in a row held no sample; "
+                                       f"skips so far: {counter.counts}")
+                yield {"url": url}
+
+        def counted(samples: Iterable[dict]) -> Iterator[dict]:
+            for sample in samples:
+                raw_samples[0] += 1
+                yield sample
+
+        # Shuffle the raw (still compressed) samples, then decode: the buffer then holds
+        # encoded bytes, not decoded pixels (1000 SDXL images would be 3 GB per worker).
+        stream = counted(wds.tarfile_samples(shard_dicts(), handler=counter.tar_handler))
+        if self.shuffle_buffer > 1:
+            rng = random.Random(self.plan.worker_seed(worker, "shuffle"))
+            stream = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)
+        decode_rng = random.Random(self.plan.worker_seed(worker, "decode"))
+        chunk, bad_in_a_row = [], 0
+        for sample in stream:
+            item = self.decode(sample, decode_rng, counter)
+            if item is None:
+                bad_in_a_row += 1
+                if self.plan.resampled and bad_in_a_row > MAX_BAD_SAMPLES_IN_A_ROW:
+                    raise RuntimeError(f"{bad_in_a_row} samples in a row were unusable; "
+                                       f"skips so far: {counter.counts}")
+                continue
+            bad_in_a_row = 0
+            chunk.append(item)
+            if len(chunk) == self.batch_size:
+                yield self.collate(chunk, worker, dict(counter.counts))
+                chunk = []
+        if chunk and not self.drop_last:
+            yield self.collate(chunk, worker, dict(counter.counts))
+
+
+# ---------------------------------------------------------------- images
+
+
+def resize_and_crop(image: Image.Image, resolution: int, *, center_crop: bool,
+                    rng: random.Random) -> tuple[Image.Image, int, int]:
+    """Resize the shorter side to `resolution`, crop a square; return (image, top, left)."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    if center_crop:  # same rounding as diffusers' train_text_to_image_sdxl.py
+        top, left = round((new_h - resolution) / 2), round((new_w - resolution) / 2)
+    else:
+        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
+    return image.crop((left, top, left + resolution, top + resolution)), top, left
+
+
+ORIGINAL_SIZE_SOURCES = ("image", "metadata")
+
+
+def _original_size(meta: bytes | None, image: Image.Image, source: str) -> tuple[int, int]:
+    """SDXL's original (height, width): the decoded image's, or with source="metadata"
+    img2dataset's `original_height`/`original_width` (the size before its resize), falling
+    back to the decoded size where the json lacks them."""
+    if source == "metadata" and meta:
+        info = json.loads(meta)
+        h, w = info.get("original_height"), info.get("original_width")
+        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+            return h, w
+    return image.height, image.width
+
+
+@dataclass(frozen=True)
+class _ImageItem:
+    key: str
+    pixels: np.ndarray  # (H, W, 3) uint8
+    caption: str
+    time_ids: tuple[int, int, int, int, int, int]
+
+
+def _image_decoder(resolution: int, center_crop: bool, original_size: str) -> Callable:
+    if original_size not in ORIGINAL_SIZE_SOURCES:
+        raise ValueError(f"original_size must be one of {ORIGINAL_SIZE_SOURCES}, "
+                         f"got {original_size!r}")
+
+    def decode(sample: dict, rng: random.Random, counter: SkipCounter) -> _ImageItem | None:
+        key = f"{sample.get('__url__')}:{sample['__key__']}"
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            counter.skip("missing_image", key, sorted(k for k in sample if not k.startswith("__")))
+            return None
+        if "txt" not in sample:
+            counter.skip("missing_caption", key)
+            return None
+        try:
+            caption = sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as exn:
+            counter.skip("bad_caption", key, repr(exn))
+            return None
+        if not caption:
+            counter.skip("empty_caption", key)
+            return None
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as raw:
+                raw.load()
+                image = raw.convert("RGB")
+            orig_h, orig_w = _original_size(sample.get("json"), image, original_size)
+        except UnidentifiedImageError as exn:
+            counter.skip("undecodable_image", key, repr(exn))
+            return None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exn:
+            counter.skip("corrupt_image", key, repr(exn))
+            return None
+        image, top, left = resize_and_crop(image, resolution, center_crop=center_crop, rng=rng)
+        time_ids = (orig_h, orig_w, top, left, resolution, resolution)
+        return _ImageItem(sample["__key__"], np.asarray(image), caption, time_ids)
+
+    return decode
+
+
+def _collate_images(items: list[_ImageItem], worker: int, skips: dict[str, int]) -> ImageBatch:
+    pixels = torch.from_numpy(np.stack([it.pixels for it in items])).permute(0, 3, 1, 2)
+    return ImageBatch(
+        pixels=pixels.float() / 127.5 - 1.0,
+        captions=[it.caption for it in items],
+        time_ids=torch.tensor([it.time_ids for it in items], dtype=torch.float32),
+        keys=[it.key for it in items],
+        worker=worker,
+        skip_counts=skips,
+    )
+
+
+def image_loader(urls: str | Sequence[str], *, batch_size: int, resolution: int, seed: int,
+                 rank: int, world_size: int, resume_step: int, center_crop: bool = True,
+                 shuffle_buffer: int = 1000, num_workers: int = 0,
+                 original_size: str = "image") -> SampleStream[ImageBatch]:
+    """Infinite resampled stream of ImageBatch for training; seeded by (seed, rank, resume_step).
+
+    original_size: where time_ids' (orig_h, orig_w) come from, "image" (the decoded size) or
+        "metadata" (img2dataset's json `original_height`/`original_width`).
+    """
+    _check_rank(rank, world_size)
+    plan = _ShardPlan(tuple(expand_urls(urls)), True, seed, rank, world_size, resume_step)
+    decode = _image_decoder(resolution, center_crop, original_size)
+    dataset = _BatchStream(plan, decode, _collate_images,
+                           batch_size=batch_size, shuffle_buffer=shuffle_buffer, drop_last=True)
+    return SampleStream(dataset, num_workers)
+
+
+def image_loader_single_pass(urls: str | Sequence[str], *, batch_size: int, resolution: int,
+                             rank: int, world_size: int, center_crop: bool = True, seed: int = 0,
+                             num_workers: int = 0, original_size: str = "image"
+                             ) -> SampleStream[ImageBatch]:
+    """Every sample of this rank's shards once, no shuffle; the last batch may be short.
+
+    Rank r reads shards r, r + world_size, ... in order (with num_workers > 0 the workers split
+    them further and their batches arrive round-robin, still deterministic). `seed` only
+    matters for random crops. `original_size` as in `image_loader`.
+    """
+    _check_rank(rank, world_size)
+    plan = _ShardPlan(tuple(expand_urls(urls)), False, seed, rank, world_size, 0)
+    decode = _image_decoder(resolution, center_crop, original_size)
+    dataset = _BatchStream(plan, decode, _collate_images,
+                           batch_size=batch_size, shuffle_buffer=0, drop_last=False)
+    return SampleStream(dataset, num_workers)
+
+
+# ---------------------------------------------------------------- precomputed latents
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _latent_decoder(sample: dict, rng: random.Random, counter: SkipCounter) -> dict | None:
+    key = f"{sample.get('__url__')}:{sample['__key__']}"
+    missing = [f for f in LATENT_FIELDS if f not in sample]
+    if missing:
+        counter.skip("missing_field", key, missing)
+        return None
+    try:
+        arrays = {f: np.load(io.BytesIO(sample[f]), allow_pickle=False) for f in LATENT_FIELDS}
+    except (ValueError, OSError, EOFError) as exn:
+        counter.skip("bad_array", key, repr(exn))
+        return None
+    caption = sample.get("txt", b"").decode("utf-8", errors="replace")
+    return {"key": sample["__key__"], "caption": caption, **arrays}
+
+
+def _collate_latents(items: list[dict], worker: int, skips: dict[str, int]) -> LatentBatch:
+    def stack(field: str) -> Tensor:
+        return torch.from_numpy(np.stack([it[field] for it in items])).float()
+
+    cond = Conditioning(stack("prompt_embeds.npy"), stack("pooled.npy"), stack("time_ids.npy"))
+    return LatentBatch(stack("latents.npy"), cond, [it["caption"] for it in items],
+                       [it["key"] for it in items], worker, skips)
+
+
+def latent_loader(urls: str | Sequence[str], *, batch_size: int, seed: int, rank: int,
+                  world_size: int, resume_step: int, shuffle_buffer: int = 1000,
+                  num_workers: int = 0) -> SampleStream[LatentBatch]:
+    """Infinite resampled stream of LatentBatch from precomputed shards (float32 tensors)."""
+    _check_rank(rank, world_size)
+    plan = _ShardPlan(tuple(expand_urls(urls)), True, seed, rank, world_size, resume_step)
+    dataset = _BatchStream(plan, _latent_decoder, _collate_latents, batch_size=batch_size,
+                           shuffle_buffer=shuffle_buffer, drop_last=True)
+    return SampleStream(dataset, num_workers)
+
+
+def write_latent_shards(batches: Iterable[LatentBatch], out_dir: str | Path, *,
+                        samples_per_shard: int, prefix: str = "latents",
+                        embed_dtype: np.dtype = np.float32) -> list[Path]:
+    """Write LatentBatches as `{prefix}-NNNNNN.tar` shards; returns the shard paths written.
+
+    Latents and time_ids stay float32; prompt/pooled embeddings are stored as `embed_dtype`
+    (float16 halves the size; they are fp16-safe, unlike VAE activations).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    # ShardWriter opens its first file before any write: drop it if nothing was written.
+    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=samples_per_shard,
+                         verbose=0) as sink:
+        first = Path(sink.fname)
+        for batch in batches:
+            for i, key in enumerate(batch.keys):
+                sink.write({
+                    "__key__": key,
+                    "latents.npy": _npy_bytes(batch.latents[i].float().cpu().numpy()),
+                    "prompt_embeds.npy": _npy_bytes(
+                        batch.cond.prompt_embeds[i].float().cpu().numpy().astype(embed_dtype)),
+                    "pooled.npy": _npy_bytes(
+                        batch.cond.pooled_embeds[i].float().cpu().numpy().astype(embed_dtype)),
+                    "time_ids.npy": _npy_bytes(batch.cond.time_ids[i].float().cpu().numpy()),
+                    "txt": batch.captions[i],
+                })
+                if not written or written[-1] != Path(sink.fname):
+                    written.append(Path(sink.fname))
+    if not written:
+        first.unlink(missing_ok=True)
+    return written

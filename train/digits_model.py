@@ -1,0 +1,479 @@
+"""The embedded default teacher: a tiny but real SDXL-format text-to-image model of digits.
+
+No SDXL weights can be downloaded here, so this builder trains one from scratch on
+scikit-learn's handwritten digits (`sklearn.datasets.load_digits`, 1,797 8×8 images shipped
+inside scikit-learn), upsampled to 32×32 RGB (ARCHITECTURE.md, "Embedded default"):
+
+- two CLIP tokenizers whose byte-level BPE vocabulary is generated here (every byte, its
+  `</w>` form, merges that make each prompt word one token, and the two CLIP specials);
+- two random-init CLIP text encoders (SDXL freezes them, the UNet learns to read them);
+- an `AutoencoderKL` (32×32×3 ↔ 4×8×8) trained on the digits;
+- an SDXL-style `UNet2DConditionModel` (`addition_embed_type="text_time"`) trained as an
+  epsilon-prediction DDPM on SDXL's scaled-linear schedule with 10 % prompt dropout to
+  all-zero embeddings (SDXL's `force_zeros_for_empty_prompt`), so CFG works;
+- an `EulerDiscreteScheduler` config with SDXL's betas;
+
+saved as a diffusers folder that `StableDiffusionXLPipeline.from_pretrained(DIR)` loads
+offline, plus `digits_model.json` (size, guidance scale, resolution, metrics).
+
+Launch: `python scripts/make_digits_model.py --out DIR [--size tiny|full] [--seed N]`.
+Prompts name the digit: `prompt_for(7) == "a handwritten digit seven"`. The held-out split
+of `digits_split` is never trained on; it is only used for evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+RESOLUTION = 32  # pixels; the VAE downsamples by 4 to 8×8 latents
+TIME_IDS = (RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION)  # SDXL micro-cond, height first
+MODEL_VERSION = 1  # bump when the builder changes, so caches rebuild
+INFO_FILE = "digits_model.json"
+# SDXL's noise schedule (stabilityai/stable-diffusion-xl-base-1.0 scheduler config).
+SDXL_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                     beta_schedule="scaled_linear")
+
+
+def prompt_for(digit: int) -> str:
+    """The caption of a digit class: "a handwritten digit seven"."""
+    return f"a handwritten digit {DIGIT_NAMES[int(digit)]}"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class DigitsData:
+    images: torch.Tensor  # (N, 3, 32, 32) uint8, ink bright on black
+    labels: torch.Tensor  # (N,) int64 in 0..9
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    train: np.ndarray  # indices into `digits_images()`, ~85 %
+    eval: np.ndarray  # held-out indices, ~15 %, stratified by label; never trained on
+
+
+@lru_cache(maxsize=2)
+def digits_images(resolution: int = RESOLUTION) -> DigitsData:
+    """All 1,797 digits as uint8 RGB at `resolution` (bilinear upsampling of the 0..16 grid).
+
+    uint8 so that the PNG shards, the VAE's training data and the evaluator's real images
+    are bit-identical.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    x = x.clamp(0, 1).mul(255).round().to(torch.uint8).repeat(1, 3, 1, 1)
+    return DigitsData(x.contiguous(), torch.from_numpy(digits.target).long())
+
+
+def digits_split(seed: int = 0) -> DigitsSplit:
+    """The deterministic stratified 85/15 train/held-out split every component shares."""
+    from sklearn.model_selection import train_test_split
+
+    labels = digits_images().labels.numpy()
+    train, held_out = train_test_split(np.arange(len(labels)), test_size=0.15,
+                                       random_state=seed, stratify=labels)
+    return DigitsSplit(np.sort(train), np.sort(held_out))
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] → float [−1, 1], the VAE's pixel range."""
+    return images_uint8.float().div(127.5).sub(1.0)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class DigitsModelSpec:
+    """Widths and training budgets of one model variant (all widths multiples of 32)."""
+
+    text_hidden: int  # hidden size of each CLIP encoder; cross-attention dim is twice this
+    text_layers: int
+    projection_dim: int  # encoder 2's pooled projection = the UNet's `text_embeds` size
+    vae_channels: tuple[int, int, int]
+    vae_groups: int  # GroupNorm groups in the VAE (its widths need not be multiples of 32)
+    unet_channels: tuple[int, ...]
+    unet_head_dims: tuple[int, ...]  # diffusers' `attention_head_dim` (number of heads)
+    time_embed_dim: int  # SDXL `addition_time_embed_dim` per time_ids entry
+    vae_steps: int
+    vae_lr: float
+    vae_batch_size: int
+    unet_steps: int
+    unet_lr: float
+    batch_size: int  # UNet training batch
+    guidance_candidates: tuple[float, ...]  # CFG scales tried; empty keeps the first default
+    eval_per_digit: int  # samples per digit when choosing the guidance scale
+
+
+SPECS = {
+    "full": DigitsModelSpec(
+        text_hidden=32, text_layers=2, projection_dim=32, vae_channels=(16, 32, 32),
+        vae_groups=8, unet_channels=(32, 64, 64), unet_head_dims=(2, 4, 4), time_embed_dim=16,
+        vae_steps=400, vae_lr=2e-3, vae_batch_size=32, unet_steps=1500, unet_lr=1e-3,
+        batch_size=128,
+        guidance_candidates=(2.0, 3.0, 4.0, 5.0, 6.0), eval_per_digit=20),
+    "tiny": DigitsModelSpec(
+        text_hidden=32, text_layers=1, projection_dim=16, vae_channels=(8, 16, 32),
+        vae_groups=8, unet_channels=(32, 32), unet_head_dims=(2, 2), time_embed_dim=8,
+        vae_steps=15, vae_lr=2e-3, vae_batch_size=16, unet_steps=30, unet_lr=1e-3,
+        batch_size=32,
+        guidance_candidates=(), eval_per_digit=0),
+}
+DEFAULT_GUIDANCE = 4.0
+MAX_TOKENS = 16  # tokenizer model_max_length = text encoder max_position_embeddings
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's reversible map from the 256 bytes to printable unicode symbols."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def write_tokenizer(out_dir: Path, words: list[str], max_length: int = MAX_TOKENS):
+    """Write a CLIP byte-level BPE tokenizer (vocab.json, merges.txt) and load it back.
+
+    Merges build each word left to right ("d i", "di g", …, "digi t</w>"), so every prompt
+    word is exactly one token and any other text still tokenizes, byte by byte.
+    """
+    from transformers import CLIPTokenizer
+
+    symbols = _bytes_to_unicode()
+    vocab = symbols + [s + "</w>" for s in symbols]
+    merges: list[str] = []
+    for word in sorted(set(words)):
+        parts = list(word)
+        parts[-1] += "</w>"
+        while len(parts) > 1:
+            merge = f"{parts[0]} {parts[1]}"
+            if merge not in merges:
+                merges.append(merge)
+                vocab.append(parts[0] + parts[1])
+            parts = [parts[0] + parts[1], *parts[2:]]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(vocab=str(out_dir / "vocab.json"), merges=str(out_dir / "merges.txt"),
+                              model_max_length=max_length)
+    tokenizer.save_pretrained(out_dir)
+    return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def build_text_encoders(spec: DigitsModelSpec, tokenizer, seed: int):
+    """Two random-init CLIP encoders: `CLIPTextModel` and `CLIPTextModelWithProjection`.
+
+    Token embeddings are re-drawn at unit scale: CLIP's init (std 0.02) gives penultimate
+    hidden states so small that a from-scratch UNet's cross-attention reads them slowly.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
+        intermediate_size=2 * spec.text_hidden, num_hidden_layers=spec.text_layers,
+        num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=spec.projection_dim, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    encoders = (CLIPTextModel(config), CLIPTextModelWithProjection(config))
+    for enc in encoders:
+        torch.nn.init.normal_(enc.get_input_embeddings().weight, std=1.0)
+        enc.requires_grad_(False).eval()
+    return encoders
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+@dataclass(frozen=True)
+class VaeReport:
+    recon_mse: float  # held-out reconstruction MSE in [0, 1] pixel units
+    recon_psnr: float  # dB, held-out, [0, 1] pixel range
+    scaling_factor: float  # 1 / std of the training latents
+
+
+@dataclass(frozen=True)
+class TrainedVae:
+    vae: object  # diffusers AutoencoderKL, eval mode, frozen, `scaling_factor` set
+    report: VaeReport
+    latent_mean: torch.Tensor  # scaled posterior mean of each training image
+    latent_std: torch.Tensor  # scaled posterior std
+
+
+def train_vae(spec: DigitsModelSpec, train_x: torch.Tensor, eval_x: torch.Tensor,
+              seed: int) -> TrainedVae:
+    """Fit an `AutoencoderKL` (3 blocks: 32×32×3 → 4×8×8) with L2 recon + a small KL term."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    n = len(spec.vae_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * n,
+                        up_block_types=("UpDecoderBlock2D",) * n,
+                        block_out_channels=spec.vae_channels, layers_per_block=1,
+                        norm_num_groups=spec.vae_groups, sample_size=RESOLUTION)
+    opt = torch.optim.AdamW(vae.parameters(), lr=spec.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.vae_lr, total_steps=spec.vae_steps,
+                                                pct_start=0.05)
+    g = torch.Generator().manual_seed(seed)
+    vae.train()
+    for _ in tqdm(range(spec.vae_steps), desc="VAE", leave=False):
+        x = train_x[torch.randint(len(train_x), (spec.vae_batch_size,), generator=g)]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        recon = vae.decode(z).sample
+        # The KL weight keeps latents near N(0, I) so 1/std is a meaningful scale.
+        loss = F.mse_loss(recon, x) + 1e-4 * post.kl().mean() / z[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(eval_x).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = F.mse_loss((recon + 1) / 2, (eval_x + 1) / 2).item()
+        posts = [vae.encode(b).latent_dist for b in train_x.split(256)]
+    mean, std = torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
+    scale = 1.0 / mean.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    return TrainedVae(vae, VaeReport(mse, 10 * math.log10(1.0 / mse), scale), mean * scale,
+                      std * scale)
+
+
+# ----------------------------------------------------------------------------- UNet
+
+
+def build_unet(spec: DigitsModelSpec, cross_attention_dim: int, seed: int):
+    """An SDXL-style UNet for 4×8×8 latents: text_time added conditioning, cross-attention
+    in every block but the first (as SDXL), linear projections."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(spec.unet_channels)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION // 4, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        block_out_channels=spec.unet_channels, layers_per_block=1,
+        transformer_layers_per_block=1, attention_head_dim=spec.unet_head_dims,
+        norm_num_groups=32, cross_attention_dim=cross_attention_dim,
+        addition_embed_type="text_time", addition_time_embed_dim=spec.time_embed_dim,
+        # SDXL: pooled text embedding ‖ 6 sinusoidal time_ids embeddings.
+        projection_class_embeddings_input_dim=spec.projection_dim + 6 * spec.time_embed_dim,
+        use_linear_projection=True)
+
+
+@torch.no_grad()
+def _ema_update(ema, model, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def train_unet(unet, spec: DigitsModelSpec, latent_mean: torch.Tensor, latent_std: torch.Tensor,
+               labels: torch.Tensor, prompt_embeds: torch.Tensor, pooled_embeds: torch.Tensor,
+               seed: int, prompt_dropout: float = 0.1):
+    """Epsilon-prediction DDPM training on SDXL's schedule; returns (EMA UNet, final loss).
+
+    latent_mean/std: scaled posterior of each training image (a fresh latent is sampled per
+    step, as SD trains). prompt_embeds/pooled_embeds: per digit class, from the pipeline's own
+    `encode_prompt`. A dropped prompt is all-zero embeddings, exactly the pipeline's
+    unconditional branch under `force_zeros_for_empty_prompt`.
+    """
+    from diffusers import DDPMScheduler
+
+    abar = DDPMScheduler(**SDXL_SCHEDULE).alphas_cumprod
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=spec.unet_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.unet_lr, total_steps=spec.unet_steps,
+                                                pct_start=0.05)
+    g = torch.Generator().manual_seed(seed + 1)
+    time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(spec.batch_size, 1)
+    unet.train()
+    smoothed = float("nan")
+    bar = tqdm(range(spec.unet_steps), desc="UNet", leave=False)
+    for step in bar:
+        idx = torch.randint(len(labels), (spec.batch_size,), generator=g)
+        x0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, len(abar), (spec.batch_size,), generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        keep = (torch.rand(spec.batch_size, generator=g) >= prompt_dropout).float()
+        text = prompt_embeds[labels[idx]] * keep.view(-1, 1, 1)
+        pooled = pooled_embeds[labels[idx]] * keep.view(-1, 1)
+        pred = unet(x_t, t, text, added_cond_kwargs={"text_embeds": pooled,
+                                                      "time_ids": time_ids}).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        _ema_update(ema, unet, min(0.998, (1 + step) / (10 + step)))
+        smoothed = loss.item() if math.isnan(smoothed) else 0.98 * smoothed + 0.02 * loss.item()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{smoothed:.4f}")
+    return ema.eval(), smoothed
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+@dataclass(frozen=True)
+class DigitsModelReport:
+    path: str
+    size: str
+    seed: int
+    build_seconds: float
+    unet_params: int
+    vae: VaeReport
+    unet_final_loss: float  # smoothed epsilon MSE at the end of training
+    guidance_scale: float
+    # Teacher at 32 trailing Euler steps with `guidance_scale`, vs the held-out digits
+    # (None for variants that skip evaluation, e.g. "tiny").
+    teacher_accuracy: float | None
+    teacher_fd: float | None
+    guidance_search: dict[str, dict[str, float]]  # scale → accuracy, FD vs *training* digits
+
+
+def _choose_guidance(pipe, spec: DigitsModelSpec, split: DigitsSplit, seed: int,
+                     cache_root: Path) -> tuple[float, dict]:
+    """Pick the CFG scale with the lowest FD against the *training* digits among those with
+    near-best prompt accuracy (the held-out split stays untouched for reporting)."""
+    from train.evaluate import ensure_digits_classifier, evaluate_pipeline
+
+    classifier = ensure_digits_classifier(cache_root)
+    data = digits_images()
+    train_real = data.images[torch.from_numpy(split.train)].float() / 255
+    search = {}
+    for scale in spec.guidance_candidates:
+        r = evaluate_pipeline(pipe, 32, spec.eval_per_digit, scale, seed, classifier=classifier,
+                              real_images=train_real)
+        search[str(scale)] = {"accuracy": r.accuracy, "fd": r.fd}
+    best_acc = max(v["accuracy"] for v in search.values())
+    ok = {k: v for k, v in search.items() if v["accuracy"] >= best_acc - 0.02}
+    return float(min(ok, key=lambda k: ok[k]["fd"])), search
+
+
+def build_digits_model(out_dir: str | os.PathLike, size: str = "full", seed: int = 0,
+                       cache_root: str | os.PathLike | None = None) -> DigitsModelReport:
+    """Train and save the digits model as a diffusers SDXL folder at `out_dir`.
+
+    cache_root: where the evaluator's classifier is cached (full size only, for choosing
+    the guidance scale); defaults to `default_cache_root()`.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    if size not in SPECS:
+        raise ValueError(f"size must be one of {sorted(SPECS)}, got {size!r}")
+    spec, out_dir, start = SPECS[size], Path(out_dir), time.time()
+    split, data = digits_split(seed), digits_images()
+    images = to_model_range(data.images)
+    train_idx = torch.from_numpy(split.train)
+
+    words = sorted({w for d in range(10) for w in prompt_for(d).split()})
+    tokenizer = write_tokenizer(out_dir / "tokenizer", words)
+    tokenizer_2 = write_tokenizer(out_dir / "tokenizer_2", words)
+    text_encoder, text_encoder_2 = build_text_encoders(spec, tokenizer, seed)
+    trained = train_vae(spec, images[train_idx], images[torch.from_numpy(split.eval)], seed)
+    unet = build_unet(spec, 2 * spec.text_hidden, seed)
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULE, prediction_type="epsilon",
+                                       timestep_spacing="trailing")
+    pipe = StableDiffusionXLPipeline(trained.vae, text_encoder, text_encoder_2, tokenizer,
+                                     tokenizer_2, unet, scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    with torch.no_grad():
+        prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+            [prompt_for(d) for d in range(10)], device="cpu", do_classifier_free_guidance=False)
+    unet, final_loss = train_unet(unet, spec, trained.latent_mean, trained.latent_std,
+                                  data.labels[train_idx], prompt_embeds, pooled, seed)
+    pipe.register_modules(unet=unet)
+    pipe.set_progress_bar_config(disable=True)
+
+    guidance, search, accuracy, fd = DEFAULT_GUIDANCE, {}, None, None
+    if spec.guidance_candidates:
+        from train.evaluate import ensure_digits_classifier, evaluate_pipeline
+
+        cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+        guidance, search = _choose_guidance(pipe, spec, split, seed, cache_root)
+        final = evaluate_pipeline(pipe, 32, spec.eval_per_digit, guidance, seed + 1,
+                                  classifier=ensure_digits_classifier(cache_root))
+        accuracy, fd = final.accuracy, final.fd
+
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    report = DigitsModelReport(
+        str(out_dir), size, seed, round(time.time() - start, 1),
+        sum(p.numel() for p in unet.parameters()), trained.report, final_loss, guidance,
+        accuracy, fd, search)
+    info = {"version": MODEL_VERSION, "size": size, "seed": seed, "resolution": RESOLUTION,
+            "guidance_scale": guidance, "time_ids": list(TIME_IDS),
+            "prompts": [prompt_for(d) for d in range(10)], "metrics": asdict(report)}
+    (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return report
+
+
+def default_cache_root() -> Path:
+    """$DISTILL_CACHE, else ~/.cache/lightning-distill."""
+    env = os.environ.get("DISTILL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "lightning-distill"
+
+
+def ensure_digits_model(cache_root: str | os.PathLike | None = None, size: str = "full",
+                        seed: int = 0) -> Path:
+    """The cached model folder, built first if missing.
+
+    Builds into a temporary sibling and renames it into place, so an interrupted build never
+    leaves a half model at the final path (and two concurrent builders both end up valid).
+    """
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    final = root / f"digits-model-{size}-seed{seed}-v{MODEL_VERSION}"
+    if (final / INFO_FILE).exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    try:
+        build_digits_model(tmp, size, seed, cache_root=root)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first; keep its copy
+            if not (final / INFO_FILE).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def read_model_info(model_dir: str | os.PathLike) -> dict:
+    """The `digits_model.json` of a built model (guidance scale, resolution, metrics)."""
+    return json.loads((Path(model_dir) / INFO_FILE).read_text())

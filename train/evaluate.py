@@ -1,0 +1,287 @@
+"""Quality metrics in the digits domain: the FID and CLIP-score analogues of METHOD.md §7.
+
+A small CNN classifier trained (seeded, cached) on the training split of the digits gives
+- `digits_fd`: the Fréchet distance between its penultimate features of two image sets
+  (FID's formula, on a feature space that knows what digits look like), and
+- `prompt_accuracy`: how often it reads the digit the prompt asked for.
+`evaluate_pipeline` renders prompts through an unmodified diffusers pipeline (the code path
+users run) and scores them against the held-out digits, which no model ever trains on.
+
+Launch: `python -m train.evaluate --model DIR --steps 32 8 4 2 1 --per-digit 20 [--guidance G]`
+prints a Markdown table (trailing Euler, as the Lightning models are sampled).
+Images everywhere here are float tensors in [0, 1], shape (N, 3, 32, 32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from train.digits_model import default_cache_root, digits_images, digits_split, prompt_for
+
+CLASSIFIER_VERSION = 2  # bump when the classifier changes, so caches retrain
+
+
+class DigitClassifier(nn.Module):
+    """Three conv stages (32 → 16 → 8 → 4 px), a 64-d feature layer, then the logits."""
+
+    feature_dim = 64
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, self.feature_dim))
+        # Features are taken before this ReLU: no dead (constant-zero) dimensions, so the
+        # feature covariance stays full rank for the Fréchet distance.
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(self.feature_dim, 10))
+
+    def features(self, images: Tensor) -> Tensor:
+        """Penultimate features of [0, 1] images: the space `digits_fd` measures in."""
+        return self.body(images * 2 - 1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+def _shift(x: Tensor, g: torch.Generator, max_px: int = 2) -> Tensor:
+    """Random translation by up to `max_px` (zero fill): cheap robustness to off-centre samples."""
+    dy, dx = torch.randint(-max_px, max_px + 1, (2,), generator=g).tolist()
+    x = F.pad(x, (max_px,) * 4)
+    h, w = x.shape[-2] - 2 * max_px, x.shape[-1] - 2 * max_px
+    return x[..., max_px + dy: max_px + dy + h, max_px + dx: max_px + dx + w]
+
+
+def train_digits_classifier(seed: int = 0, epochs: int = 10, batch_size: int = 64) -> DigitClassifier:
+    """Fit the classifier on the training split only (held-out digits stay unseen)."""
+    data, split = digits_images(), digits_split(seed)
+    x = data.images[torch.from_numpy(split.train)].float() / 255
+    y = data.labels[torch.from_numpy(split.train)]
+    torch.manual_seed(seed)
+    model = DigitClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    steps = epochs * -(-len(x) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(epochs), desc="digit classifier", leave=False):
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            loss = F.cross_entropy(model(_shift(x[idx], g)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval().requires_grad_(False)
+
+
+def ensure_digits_classifier(cache_root: str | os.PathLike | None = None,
+                             seed: int = 0) -> DigitClassifier:
+    """The cached classifier (safetensors next to the model cache), trained first if missing."""
+    from safetensors.torch import load_file, save_file
+
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    path = root / f"digits-classifier-seed{seed}-v{CLASSIFIER_VERSION}.safetensors"
+    if not path.exists():
+        model = train_digits_classifier(seed)
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=root)
+        os.close(fd)
+        save_file(model.state_dict(), tmp)
+        os.replace(tmp, path)  # atomic: readers never see a torn file
+    model = DigitClassifier()
+    model.load_state_dict(load_file(path))
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def classifier_features(classifier: DigitClassifier, images: Tensor,
+                        batch_size: int = 512) -> Tensor:
+    return torch.cat([classifier.features(b.float()) for b in images.split(batch_size)])
+
+
+def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
+    """‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½), FID's formula, in float64."""
+    from scipy import linalg
+
+    a, b = feats_a.double().numpy(), feats_b.double().numpy()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(covmean).all():  # singular product: regularise as pytorch-fid does
+        off = np.eye(len(cov_a)) * 1e-6
+        covmean = linalg.sqrtm((cov_a + off) @ (cov_b + off))
+    fd = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean.real)
+    return float(max(fd, 0.0))
+
+
+def digits_fd(gen_images: Tensor, real_images: Tensor,
+              classifier: DigitClassifier | None = None) -> float:
+    """Fréchet distance between two [0, 1] image sets in the classifier's feature space."""
+    classifier = classifier if classifier is not None else ensure_digits_classifier()
+    return frechet_distance(classifier_features(classifier, gen_images),
+                            classifier_features(classifier, real_images))
+
+
+@torch.no_grad()
+def prompt_accuracy(images: Tensor, labels: Tensor,
+                    classifier: DigitClassifier | None = None) -> float:
+    """Fraction of images the classifier reads as the digit their prompt asked for."""
+    classifier = classifier if classifier is not None else ensure_digits_classifier()
+    logits = torch.cat([classifier(b.float()) for b in images.split(512)])
+    return (logits.argmax(1) == labels.to(logits.device)).float().mean().item()
+
+
+def held_out_images() -> tuple[Tensor, Tensor]:
+    """The held-out real digits ([0, 1] floats) and their labels."""
+    data, split = digits_images(), digits_split()
+    idx = torch.from_numpy(split.eval)
+    return data.images[idx].float() / 255, data.labels[idx]
+
+
+@dataclass(frozen=True)
+class RenderedDigits:
+    images: Tensor  # (10·per_digit, 3, H, W) in [0, 1], digit-major order
+    labels: Tensor  # (10·per_digit,) the digit each prompt asked for
+
+
+@torch.no_grad()
+def render_digits(pipe, num_steps: int, per_digit: int, guidance_scale: float, seed: int = 0,
+                  batch_size: int = 250) -> RenderedDigits:
+    """Render `per_digit` images of each digit through `pipe` (prompts batched).
+
+    Each image has its own generator seeded from (seed, index), so results do not depend on
+    the batch size.
+    """
+    labels = torch.arange(10).repeat_interleave(per_digit)
+    prompts = [prompt_for(d) for d in labels.tolist()]
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"render {num_steps} steps",
+                      leave=False):
+        chunk = prompts[start: start + batch_size]
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i)
+                for i in range(len(chunk))]
+        result = pipe(prompt=chunk, num_inference_steps=num_steps, guidance_scale=guidance_scale,
+                      generator=gens, output_type="pt")
+        out.append(result.images.float().cpu().clamp(0, 1))
+    return RenderedDigits(torch.cat(out), labels)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    num_steps: int
+    guidance_scale: float
+    num_images: int
+    fd: float  # Fréchet distance to the real images (lower is better)
+    accuracy: float  # prompt accuracy (higher is better; chance is 0.1)
+    per_digit_accuracy: tuple[float, ...]
+
+
+def score_digits(rendered: RenderedDigits, num_steps: int, guidance_scale: float,
+                 classifier: DigitClassifier, real_images: Tensor) -> EvalResult:
+    """FD to `real_images` and prompt accuracy of already rendered digits."""
+    with torch.no_grad():
+        pred = torch.cat([classifier(b) for b in rendered.images.split(512)]).argmax(1)
+    hits = (pred == rendered.labels).float()
+    per_digit_acc = tuple(hits[rendered.labels == d].mean().item() for d in range(10))
+    return EvalResult(num_steps, guidance_scale, len(rendered.images),
+                      digits_fd(rendered.images, real_images, classifier), hits.mean().item(),
+                      per_digit_acc)
+
+
+def evaluate_pipeline(pipe, num_steps: int, per_digit: int = 20, guidance_scale: float = 0.0,
+                      seed: int = 0, *, classifier: DigitClassifier | None = None,
+                      real_images: Tensor | None = None, batch_size: int = 250,
+                      cache_root: str | os.PathLike | None = None) -> EvalResult:
+    """Render through `pipe` and score against `real_images` (default: the held-out digits)."""
+    classifier = classifier if classifier is not None else ensure_digits_classifier(cache_root)
+    real = real_images if real_images is not None else held_out_images()[0]
+    pipe.set_progress_bar_config(disable=True)
+    rendered = render_digits(pipe, num_steps, per_digit, guidance_scale, seed, batch_size)
+    return score_digits(rendered, num_steps, guidance_scale, classifier, real)
+
+
+def save_grid(images: Tensor, path: str | os.PathLike, columns: int) -> None:
+    """Save images (digit-major) as a PNG grid with `columns` per row, 1 px gutters."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    grid = torch.ones(c, rows * (h + 1) + 1, columns * (w + 1) + 1) * 0.5
+    for i, img in enumerate(images):
+        r, k = divmod(i, columns)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = img
+    arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def load_pipeline(model_dir: str | os.PathLike, unet_file: str | None = None,
+                  prediction_type: str = "epsilon"):
+    """The model folder as an SDXL pipeline with trailing Euler; optionally an exported UNet
+    state dict (METHOD.md §6 user code) loaded over the base UNet."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    if unet_file is not None:
+        from safetensors.torch import load_file
+
+        pipe.unet.load_state_dict({k: v.float() for k, v in load_file(unet_file).items()})
+    pipe.scheduler = EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="trailing", prediction_type=prediction_type)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="diffusers SDXL folder (the digits model)")
+    p.add_argument("--unet", default=None, help="optional exported UNet .safetensors to load")
+    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "sample"])
+    p.add_argument("--steps", type=int, nargs="+", default=[32, 8, 4, 2, 1])
+    p.add_argument("--per-digit", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale; default: the model's digits_model.json value")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default=None, help="save sample grids, e.g. docs/digits_{steps}.png")
+    p.add_argument("--cache-root", default=None)
+    args = p.parse_args(argv)
+
+    guidance = args.guidance
+    if guidance is None:
+        from train.digits_model import read_model_info
+
+        info_file = Path(args.model) / "digits_model.json"
+        guidance = read_model_info(args.model)["guidance_scale"] if info_file.exists() else 0.0
+    pipe = load_pipeline(args.model, args.unet, args.prediction_type)
+    classifier = ensure_digits_classifier(args.cache_root)
+    real, real_labels = held_out_images()
+    data, split = digits_images(), digits_split()
+    train_real = data.images[torch.from_numpy(split.train)].float() / 255
+    rows = [f"| real (train vs held-out) | – | {digits_fd(train_real, real, classifier):.3f} | "
+            f"{prompt_accuracy(real, real_labels, classifier):.3f} |"]
+    pipe.set_progress_bar_config(disable=True)
+    for steps in args.steps:
+        rendered = render_digits(pipe, steps, args.per_digit, guidance, args.seed)
+        r = score_digits(rendered, steps, guidance, classifier, real)
+        rows.append(f"| {steps} | {guidance:g} | {r.fd:.3f} | {r.accuracy:.3f} |")
+        if args.grid:  # 10 rows (digits) × up to 10 columns of the images just scored
+            cols = min(args.per_digit, 10)
+            keep = torch.arange(len(rendered.images)) % args.per_digit < cols
+            save_grid(rendered.images[keep], args.grid.format(steps=steps), columns=cols)
+    print(f"\nmodel: {args.model}  unet: {args.unet or 'base'}  per digit: {args.per_digit}  "
+          f"seed: {args.seed}\n")
+    print("| steps | guidance | FD ↓ | accuracy ↑ |\n|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

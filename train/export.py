@@ -1,0 +1,406 @@
+"""User-facing exports of a run: the files people download (ARCHITECTURE.md "Exports").
+
+For each finished stage (`RUN/stages/<N>step/final/`) this writes to `RUN/export/`:
+  <name>_<N>step_unet.safetensors     flat diffusers-key UNet (LoRA folded in), cfg.export.dtype
+  <name>_1step_unet_x0.safetensors    the same for an x0-prediction ("sample") student
+  <name>_<N>step_lora.safetensors     LoRA relative to the ORIGINAL base, kohya layout
+  <name>_<N>step_lora_report.json     how well that LoRA approximates the stage's weights
+Every file's safetensors metadata says how to sample it (steps, prediction type, scheduler),
+what it was made from (base model, resolved config) and its format, so `train.generate` and
+users need nothing else (METHOD.md §6).
+
+Kohya layout: `lora_unet_<diffusers module path, "." → "_">.{lora_down.weight,lora_up.weight,
+alpha}`. diffusers' `load_lora_weights` reads it (`_convert_unet_lora_key` maps
+`down_blocks_…`/`up_blocks_…`/`mid_block_…` back, tested below through the real pipeline), and
+ComfyUI maps `lora_unet_` + every diffusers UNet key with underscores (`model_lora_keys_unet`),
+which peft-named keys are not (ARCHITECTURE.md pitfall 3). `alpha` is stored per module, since
+the update is (alpha / rank)·up·down (pitfall 2).
+
+The LoRA comes from the LoRA track's adapter when the stage's weights W are still exactly the
+base's (the adapter is then relative to the base); otherwise it is extracted from
+(W − W_base) by truncated SVD per target layer (METHOD.md §5), with alpha = rank (scale 1) and
+the relative Frobenius error per layer and overall written to the report. x0 ("sample")
+students get no LoRA: the x0 switch changes what the whole network outputs, a change the
+LCM-LoRA target set (no conv_out) cannot carry, and released SDXL-Lightning ships its 1-step
+model as a full UNet only.
+
+Launch: python -m train.export RUN_DIR [--stages 8 4] [--dtype fp16|bf16|fp32] [--lora-rank R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from distill.phases import stage_name
+from train.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+UNET_FORMAT = "diffusers_unet"
+LORA_FORMAT = "kohya_lora"
+KOHYA_PREFIX = "lora_unet_"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+EXACT_REL_ERROR = 1e-5  # below this relative error the report calls an SVD LoRA exact
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What an export's safetensors metadata says (everything needed to sample it)."""
+
+    path: Path
+    format: str  # UNET_FORMAT | LORA_FORMAT
+    num_inference_steps: int
+    prediction_type: str  # "epsilon" | "sample" (x0) | "v_prediction"
+    scheduler: dict  # EulerDiscreteScheduler overrides: timestep_spacing, prediction_type
+    base_model: str  # cfg.model.base (a folder, or digits:tiny / digits:full)
+    lora_rank: int  # 0 for UNet exports; the largest per-module rank for LoRAs
+    lora_alpha: float  # 0 for UNet exports; alpha of adapter exports, = rank for SVD ones
+    config: dict | None  # the run's resolved config
+
+
+def scheduler_settings(prediction_type: str) -> dict:
+    """The scheduler the exports are distilled for: Euler on the trailing grid (METHOD.md §6)."""
+    return {"class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing",
+            "prediction_type": prediction_type}
+
+
+def export_metadata(cfg: Config, steps: int, prediction_type: str, fmt: str,
+                    lora: Mapping[str, float] | None = None) -> dict[str, str]:
+    """String metadata for one file; `lora` = {"rank", "alpha"} for LoRA files."""
+    meta = {
+        "format": "pt",  # the safetensors convention other loaders check
+        "export_format": fmt,
+        "num_inference_steps": str(steps),
+        "prediction_type": prediction_type,
+        "guidance_scale": "0",
+        "scheduler": json.dumps(scheduler_settings(prediction_type)),
+        "base_model": cfg.model.base,
+        "name": cfg.export.name,
+        "config": json.dumps(dataclasses.asdict(cfg)),
+    }
+    if lora is not None:
+        rank, alpha = int(lora["rank"]), float(lora["alpha"])
+        # ss_* are the kohya keys A1111/ComfyUI show; per-module alphas are in the tensors.
+        meta.update(lora_rank=str(rank), lora_alpha=repr(alpha), ss_network_module="networks.lora",
+                    ss_network_dim=str(rank), ss_network_alpha=repr(alpha))
+    return meta
+
+
+def read_export_info(path: str | os.PathLike) -> ExportInfo:
+    """Parse an export's metadata; fails clearly on files this framework did not write."""
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    missing = [k for k in ("export_format", "num_inference_steps", "prediction_type") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: no {missing} in its safetensors metadata; not a train.export file")
+    prediction_type = meta["prediction_type"]
+    return ExportInfo(
+        path=path, format=meta["export_format"],
+        num_inference_steps=int(meta["num_inference_steps"]), prediction_type=prediction_type,
+        scheduler=json.loads(meta.get("scheduler") or json.dumps(scheduler_settings(prediction_type))),
+        base_model=meta.get("base_model", ""), lora_rank=int(meta.get("lora_rank", 0)),
+        lora_alpha=float(meta.get("lora_alpha", 0.0)),
+        config=json.loads(meta["config"]) if "config" in meta else None)
+
+
+# ----------------------------------------------------------------------------- kohya names
+
+
+def kohya_name(module_path: str) -> str:
+    """`down_blocks.0.attentions.0.proj_in` → `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+    return KOHYA_PREFIX + module_path.replace(".", "_")
+
+
+def kohya_lookup(module_names: Iterable[str]) -> dict[str, str]:
+    """kohya name → module path for a UNet's modules (`_` alone is ambiguous: `proj_in` vs
+    `proj.in`, so the reverse needs the real names). Raises if two modules collide."""
+    lookup: dict[str, str] = {}
+    for name in module_names:
+        if not name:
+            continue
+        key = kohya_name(name)
+        if key in lookup and lookup[key] != name:
+            raise ValueError(f"modules {lookup[key]!r} and {name!r} share the kohya name {key!r}")
+        lookup[key] = name
+    return lookup
+
+
+def module_path(kohya_key: str, module_names: Iterable[str] | Mapping[str, str]) -> str:
+    """The module path of a kohya key (`lora_unet_….lora_down.weight`, `….alpha` or the bare
+    name); `module_names` is the UNet's `named_modules()` names or a `kohya_lookup`."""
+    lookup = module_names if isinstance(module_names, Mapping) else kohya_lookup(module_names)
+    base = kohya_key.split(".", 1)[0]
+    if base not in lookup:
+        raise KeyError(f"{kohya_key!r} names no module of this UNet")
+    return lookup[base]
+
+
+# ----------------------------------------------------------------------------- LoRA math
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One module's low-rank update ΔW = (alpha / rank)·up·down, kohya shapes:
+    linear down (r, in), up (out, r); conv down (r, in, kh, kw), up (out, r, 1, 1)."""
+
+    down: Tensor
+    up: Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self) -> Tensor:
+        """ΔW in the weight's shape, float32."""
+        shape = (self.up.shape[0], *self.down.shape[1:])
+        product = self.up.float().flatten(1) @ self.down.float().flatten(1)
+        return (self.alpha / self.rank) * product.reshape(shape)
+
+
+def lora_from_adapter(state: Mapping[str, Tensor], alpha: float) -> dict[str, LoraLayer]:
+    """Per-module LoRA layers from a peft adapter (`<module>.lora_A.weight` = down, `lora_B` = up).
+
+    peft's conv lora_A is Conv2d(in, r, k) and lora_B Conv2d(r, out, 1): kohya's shapes exactly.
+    """
+    layers = {}
+    for key, down in state.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            layers[module] = LoraLayer(down, state[f"{module}.lora_B.weight"], float(alpha))
+    if not layers:
+        raise ValueError("no peft lora_A/lora_B weights in the adapter state")
+    return layers
+
+
+@dataclass(frozen=True)
+class SvdLora:
+    layer: LoraLayer
+    rel_error: float  # ||ΔW − up·down||_F / ||ΔW||_F
+    error_sq: float  # ||ΔW − up·down||_F², for the overall figure
+    norm_sq: float  # ||ΔW||_F²
+
+
+def svd_lora(delta: Tensor, rank: int) -> SvdLora:
+    """The best rank-`rank` approximation of ΔW (Eckart–Young), conv weights flattened to
+    (out, in·kh·kw) as kohya's extractor does; alpha = rank so the scale is 1.
+
+    Computed in float64 on a CPU (exact to ~1e-15) and float32 on a GPU (fast at SDXL size).
+    """
+    out_features = delta.shape[0]
+    work = torch.float64 if delta.device.type == "cpu" else torch.float32
+    flat = delta.detach().to(work).reshape(out_features, -1)
+    r = max(1, min(rank, *flat.shape))
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    up, down = u[:, :r] * s[:r], vh[:r]
+    norm_sq = float(flat.square().sum())
+    error_sq = float((flat - up @ down).square().sum())
+    up_shape = (out_features, r) if delta.ndim == 2 else (out_features, r, 1, 1)
+    layer = LoraLayer(down.reshape(r, *delta.shape[1:]).float().cpu(),
+                      up.reshape(up_shape).float().cpu(), float(r))
+    return SvdLora(layer, math.sqrt(error_sq / norm_sq) if norm_sq else 0.0, error_sq, norm_sq)
+
+
+def fold_lora(weights: Mapping[str, Tensor], layers: Mapping[str, LoraLayer]) -> dict[str, Tensor]:
+    """W + ΔW for every LoRA module (plain diffusers keys), float32."""
+    folded = {k: v.float() for k, v in weights.items()}
+    for module, layer in layers.items():
+        key = f"{module}.weight"
+        folded[key] = folded[key] + layer.delta().reshape(folded[key].shape)
+    return folded
+
+
+def kohya_state_dict(layers: Mapping[str, LoraLayer], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The kohya file's tensors; alpha stays float32 (a scalar, exact)."""
+    state = {}
+    for module, layer in sorted(layers.items()):
+        name = kohya_name(module)
+        state[f"{name}.lora_down.weight"] = layer.down.to(dtype).contiguous()
+        state[f"{name}.lora_up.weight"] = layer.up.to(dtype).contiguous()
+        state[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+    return state
+
+
+# ----------------------------------------------------------------------------- a stage's files
+
+
+@dataclass(frozen=True)
+class LoraExtraction:
+    layers: dict[str, LoraLayer]
+    report: dict
+
+
+def extract_lora(weights: Mapping[str, Tensor], base: Mapping[str, Tensor], targets: Iterable[str],
+                 rank: int, device: torch.device | str = "cpu") -> LoraExtraction:
+    """LoRA of (weights − base) over `targets` by truncated SVD, with its error report.
+
+    Target layers whose delta is exactly zero are left out. Parameters outside the target
+    weights (biases, norms, conv_in/out, time embeddings) cannot be carried by a LoRA: any
+    change there is listed under "uncovered" and counted in "uncovered_rel_norm".
+    """
+    layers, per_layer, err_sq, norm_sq = {}, {}, 0.0, 0.0
+    target_keys = set()
+    for module in targets:
+        key = f"{module}.weight"
+        target_keys.add(key)
+        delta = weights[key].to(device, torch.float64 if str(device) == "cpu" else torch.float32)
+        delta = delta - base[key].to(delta)
+        if not bool(delta.any()):
+            continue
+        result = svd_lora(delta, rank)
+        layers[module] = result.layer
+        per_layer[module] = {"rank": result.layer.rank, "rel_error": result.rel_error}
+        err_sq, norm_sq = err_sq + result.error_sq, norm_sq + result.norm_sq
+    uncovered, uncovered_sq = {}, 0.0
+    for key, value in weights.items():
+        if key in target_keys:
+            continue
+        delta = value.double() - base[key].double()
+        if bool(delta.any()):
+            uncovered_sq += float(delta.square().sum())
+            uncovered[key] = float(delta.norm() / base[key].double().norm().clamp_min(1e-30))
+    overall = math.sqrt(err_sq / norm_sq) if norm_sq else 0.0
+    report = {
+        "source": "svd", "rank": rank, "alpha": "= per-layer rank (scale 1)",
+        "overall_rel_error": overall,
+        "exact": overall < EXACT_REL_ERROR and not uncovered,
+        "layers": per_layer, "zero_delta_layers": len(target_keys) - len(per_layer),
+        "uncovered": uncovered,
+        "uncovered_rel_norm": math.sqrt(uncovered_sq / (norm_sq + uncovered_sq))
+        if norm_sq + uncovered_sq else 0.0,
+    }
+    return LoraExtraction(layers, report)
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _load_base_unet(cfg: Config):
+    from diffusers import UNet2DConditionModel
+
+    from train.models import resolve_base
+
+    return UNet2DConditionModel.from_pretrained(resolve_base(cfg.model), subfolder="unet",
+                                                torch_dtype=torch.float32)
+
+
+def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
+    """Write the exports of stage `stage` (index into cfg.stages) from its final; main process."""
+    from distill.student import lora_target_modules
+    from train.models import read_student
+
+    run_dir = Path(run_dir)
+    steps = cfg.stages[stage].student_steps
+    final = run_dir / "stages" / stage_name(cfg.stages[stage]) / "final"
+    saved = read_student(final)
+    out_dir = run_dir / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype, prefix = DTYPES[cfg.export.dtype], f"{cfg.export.name}_{steps}step"
+
+    weights = load_file(final / "unet.safetensors")
+    adapter = None
+    if saved.lora_rank:
+        adapter = lora_from_adapter(load_file(final / "lora.safetensors"), saved.lora_alpha)
+    folded = fold_lora(weights, adapter) if adapter else {k: v.float() for k, v in weights.items()}
+
+    x0 = saved.prediction_type == "sample"
+    unet_path = out_dir / (f"{prefix}_unet_x0.safetensors" if x0 else f"{prefix}_unet.safetensors")
+    _atomic_save({k: v.to(dtype).contiguous() for k, v in folded.items()}, unet_path,
+                 export_metadata(cfg, steps, saved.prediction_type, UNET_FORMAT))
+    written = [unet_path]
+    if x0:
+        log.info("stage %d predicts x0: no LoRA export (see train/export.py)", stage)
+        return written
+
+    base_unet = _load_base_unet(cfg)
+    base = {k: v.detach().float() for k, v in base_unet.state_dict().items()}
+    if adapter and all(torch.equal(weights[k].float(), base[k]) for k in base):
+        layers = adapter  # W is the base: the adapter already is a LoRA of the base
+        report = {"source": "adapter", "rank": saved.lora_rank, "alpha": saved.lora_alpha,
+                  "overall_rel_error": 0.0, "exact": True,
+                  "layers": {m: {"rank": la.rank, "rel_error": 0.0} for m, la in layers.items()}}
+        lora_meta = {"rank": saved.lora_rank, "alpha": saved.lora_alpha}
+    else:
+        rank = cfg.export.lora_rank or cfg.student.lora_rank
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        extraction = extract_lora(folded, base, lora_target_modules(base_unet), rank, device)
+        layers, report = extraction.layers, extraction.report
+        max_rank = max((la.rank for la in layers.values()), default=rank)
+        lora_meta = {"rank": max_rank, "alpha": max_rank}
+    del base_unet
+    if not layers:
+        log.warning("stage %d: weights equal the base on every LoRA target; no LoRA written", stage)
+        return written
+    lora_path = out_dir / f"{prefix}_lora.safetensors"
+    _atomic_save(kohya_state_dict(layers, dtype), lora_path,
+                 export_metadata(cfg, steps, saved.prediction_type, LORA_FORMAT, lora_meta))
+    report_path = out_dir / f"{prefix}_lora_report.json"
+    report_path.write_text(json.dumps({"file": lora_path.name, **report}, indent=2) + "\n")
+    log.info("stage %d LoRA (%s): overall relative error %.3g", stage, report["source"],
+             report["overall_rel_error"])
+    return written + [lora_path, report_path]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a run directory (holds config.yaml and stages/)")
+    parser.add_argument("--stages", type=int, nargs="+", metavar="STEPS",
+                        help="student step counts to export (default: every finished stage)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="override export.dtype")
+    parser.add_argument("--lora-rank", type=int, help="override export.lora_rank (SVD LoRAs)")
+    args = parser.parse_args(argv)
+    from train.models import is_complete
+
+    cfg = load_config(args.run_dir / "config.yaml")
+    export_cfg = cfg.export
+    if args.dtype:
+        export_cfg = dataclasses.replace(export_cfg, dtype=args.dtype)
+    if args.lora_rank is not None:
+        export_cfg = dataclasses.replace(export_cfg, lora_rank=args.lora_rank)
+    cfg = dataclasses.replace(cfg, export=export_cfg)
+    by_steps = {s.student_steps: i for i, s in enumerate(cfg.stages)}
+    if args.stages:
+        unknown = [n for n in args.stages if n not in by_steps]
+        if unknown:
+            parser.error(f"--stages {unknown}: the recipe's stages are {sorted(by_steps)} steps")
+        indices = [by_steps[n] for n in args.stages]
+    else:
+        indices = [i for i, s in enumerate(cfg.stages)
+                   if is_complete(args.run_dir / "stages" / stage_name(s) / "final")]
+    written = []
+    for index in indices:
+        final = args.run_dir / "stages" / stage_name(cfg.stages[index]) / "final"
+        if not is_complete(final):
+            parser.error(f"{final}: no finished student for the {cfg.stages[index].student_steps}-step stage")
+        written += export_stage(args.run_dir, cfg, index)
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()
