@@ -10,7 +10,7 @@ so the schedule derives from one counter and resuming needs nothing else.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from distill.schedule import student_timesteps
 
@@ -222,3 +222,35 @@ def locate(plans: Sequence[PhasePlan], global_step: int) -> PhasePosition:
 def phase_start_step(plans: Sequence[PhasePlan], index: int) -> int:
     """Global step at which phase `index` begins."""
     return sum(p.steps for p in plans[:index])
+
+
+# ----------------------------------------------------------------------------- recipe variants
+
+def mse_only_recipe(stages: Sequence[StageConfig]) -> list[StageConfig]:
+    """The same stages as plain progressive distillation: every adversarial phase becomes MSE
+    on the full UNet (consecutive MSE phases fused), merges and LoRA phases disappear. The
+    baseline the paper's adversarial objective is measured against (METHOD.md §7)."""
+    out = []
+    for stage in stages:
+        phases: list[PhaseConfig] = []
+        for phase in stage.phases:
+            if phase.kind == "merge":
+                continue
+            kind = "mse" if phase.kind in ADVERSARIAL_KINDS else phase.kind
+            phase = replace(phase, kind=kind, form="full", teacher="previous", lr=None)
+            if phases and phases[-1].kind == kind == "mse":
+                phases[-1] = replace(phases[-1], steps=phases[-1].steps + phase.steps)
+            else:
+                phases.append(phase)
+        out.append(replace(stage, phases=phases))
+    return out
+
+
+def lora_track_recipe(stages: Sequence[StageConfig]) -> list[StageConfig]:
+    """Every phase trains one LoRA on the original base, carried across stages with no merges,
+    so each stage's adapter is itself a LoRA users can apply to the base (METHOD.md §5). The
+    x0 switch is dropped: a LoRA leaves conv_out to the base, and the released LoRAs are
+    epsilon models."""
+    return [replace(stage, phases=[replace(p, form="lora", lr=None) for p in stage.phases
+                                   if p.kind not in ("merge", "x0_convert")])
+            for stage in stages]

@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from distill.phases import BASE, PhaseConfig, RecipeError, StageConfig, expand_recipe, locate, phase_start_step
+from distill.phases import (
+    BASE,
+    PhaseConfig,
+    RecipeError,
+    StageConfig,
+    expand_recipe,
+    locate,
+    phase_start_step,
+)
 from train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,3 +93,28 @@ def test_locate_maps_global_steps_and_skips_merges():
     for g in range(total):
         pos = locate(plans, g)
         assert phase_start_step(plans, pos.phase) + pos.step == g
+
+
+def test_mse_only_recipe_replaces_adversarial_phases():
+    from distill.phases import mse_only_recipe
+
+    stages = load_config(ROOT / "configs/digits.yaml").stages
+    plans = expand_recipe(mse_only_recipe(stages))
+    assert {p.kind for p in plans} == {"mse", "x0_convert"}
+    assert all(p.form == "full" for p in plans)
+    # same stages, same total student steps per stage
+    for before, after in zip(stages, mse_only_recipe(stages)):
+        assert (before.teacher_steps, before.student_steps) == (after.teacher_steps, after.student_steps)
+        assert sum(p.steps for p in before.phases) == sum(p.steps for p in after.phases)
+    one = [p for p in plans if p.student_steps == 1]
+    assert [p.kind for p in one] == ["x0_convert", "mse"] and one[-1].prediction_type == "sample"
+
+
+def test_lora_track_recipe_is_all_lora_without_merges():
+    from distill.phases import lora_track_recipe
+
+    plans = expand_recipe(lora_track_recipe(load_config(ROOT / "configs/digits.yaml").stages))
+    assert {p.form for p in plans} == {"lora"}
+    assert not [p for p in plans if p.kind in ("merge", "x0_convert")]
+    assert {p.prediction_type for p in plans} == {"epsilon"}
+    assert [p.teacher.steps for p in plans if p.student_steps == 2 and p.kind == "adv_unconditional"] == [8, 8]

@@ -1,0 +1,226 @@
+"""Quality benchmark on the digits model: the paper's claims (METHOD.md §7) at small scale.
+
+    python scripts/bench_quality.py [--per-digit 100] [--runs-root runs/bench] [--out docs]
+
+Trains what is missing (each variant's resolved config is hashed into its run directory, so a
+finished run is reused and a changed config trains anew), then evaluates every row through
+the exported files and the diffusers pipeline (the code users run), on the same prompts and
+seeds, `--per-digit` images per digit (1,000 images per row at the default 100):
+  - the teacher at 32, 8, 4, 2, 1 trailing Euler steps with its CFG;
+  - ours, full-UNet track (configs/digits.yaml) at 8, 4, 2, 1 steps;
+  - ours, LoRA track (every phase a LoRA on the original base, carried across stages; the
+    1-step stage stays epsilon-prediction because a LoRA cannot carry the x0 switch) at 8, 4, 2, 1;
+  - an MSE-only progressive-distillation baseline: the same stages with every adversarial
+    phase replaced by MSE, at 8, 4, 2, 1.
+Columns: digits-FD, prompt accuracy, FD ratio to teacher-32, generation time per image as a
+ratio to teacher-32 measured in this run. Also writes side-by-side grids.
+
+Time on 2 CPU cores: about 30 minutes per training variant (three variants) plus ~10 minutes
+of evaluation; with everything trained, evaluation alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from distill.phases import lora_track_recipe, mse_only_recipe  # noqa: E402
+from train.config import Config, config_to_yaml, load_config  # noqa: E402
+from train.models import cache_root, resolve_base  # noqa: E402
+
+STUDENT_STEPS = (8, 4, 2, 1)
+TEACHER_STEPS = (32, 8, 4, 2, 1)
+
+
+# ----------------------------------------------------------------------------- variants
+
+VARIANTS = {
+    "ours": lambda cfg: cfg,
+    "lora": lambda cfg: replace(cfg, stages=lora_track_recipe(cfg.stages)),
+    "mse": lambda cfg: replace(cfg, stages=mse_only_recipe(cfg.stages)),
+}
+
+
+def run_dir_for(name: str, cfg: Config, runs_root: Path) -> Path:
+    digest = hashlib.sha256(config_to_yaml(replace(cfg, output_dir="-")).encode()).hexdigest()[:10]
+    return runs_root / f"{name}-{digest}"
+
+
+def train_variant(name: str, cfg: Config, runs_root: Path) -> Path:
+    out = run_dir_for(name, cfg, runs_root)
+    cfg = replace(cfg, output_dir=str(out))
+    last = f"{cfg.stages[-1].student_steps}step"
+    if (out / "stages" / last / "stage.json").is_file():
+        print(f"[bench] {name}: reusing {out}", flush=True)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "bench_config.yaml"
+    config_path.write_text(config_to_yaml(cfg))
+    print(f"[bench] {name}: training into {out}", flush=True)
+    subprocess.run([sys.executable, "-m", "train", str(config_path)], cwd=ROOT, check=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    steps: int
+    fd: float
+    accuracy: float
+    seconds_per_image: float
+    images: int
+
+
+def evaluate_row(name: str, pipe, steps: int, guidance: float, per_digit: int, classifier, real,
+                 grid_images: dict, seed: int) -> Row:
+    from train.evaluate import render_digits, score_digits
+
+    pipe.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
+    rendered = render_digits(pipe, steps, per_digit, guidance, seed)
+    elapsed = time.perf_counter() - start
+    result = score_digits(rendered, steps, guidance, classifier, real)
+    # first 4 images of each digit for the side-by-side grid
+    idx = torch.cat([torch.arange(d * per_digit, d * per_digit + 4) for d in range(10)])
+    grid_images[(name, steps)] = rendered.images[idx]
+    row = Row(name, steps, result.fd, result.accuracy, elapsed / len(rendered.images), len(rendered.images))
+    print(f"[bench] {name:>12s} {steps:>2d} steps  FD {row.fd:8.3f}  acc {row.accuracy:.3f}  "
+          f"{row.seconds_per_image * 1e3:.2f} ms/img", flush=True)
+    return row
+
+
+def export_file(run: Path, prefix: str, steps: int, kind: str) -> Path:
+    if kind == "lora":
+        return run / "export" / f"{prefix}_{steps}step_lora.safetensors"
+    x0 = run / "export" / f"{prefix}_{steps}step_unet_x0.safetensors"
+    return x0 if x0.is_file() else run / "export" / f"{prefix}_{steps}step_unet.safetensors"
+
+
+def table(rows: list[Row]) -> str:
+    ref = next(r for r in rows if r.name == "teacher" and r.steps == 32)
+    lines = ["| model | steps | digits-FD ↓ | prompt acc ↑ | FD / teacher-32 | time / teacher-32 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.name} | {r.steps} | {r.fd:.3f} | {100 * r.accuracy:.1f}% | "
+                     f"{r.fd / ref.fd:.2f} | {r.seconds_per_image / ref.seconds_per_image:.3f} |")
+    return "\n".join(lines)
+
+
+def targets(rows: list[Row]) -> list[tuple[str, bool]]:
+    """The issue's targets, checked against this run's rows."""
+    get = {(r.name, r.steps): r for r in rows}
+    t32 = get[("teacher", 32)]
+    checks = [
+        ("ours-4 FD <= 1.2 x teacher-32 FD", get[("ours", 4)].fd <= 1.2 * t32.fd),
+        ("ours-1 FD <= 1.5 x teacher-32 FD", get[("ours", 1)].fd <= 1.5 * t32.fd),
+        ("ours-2 beats MSE-2 by >= 25% on FD", get[("ours", 2)].fd <= 0.75 * get[("mse", 2)].fd),
+        ("ours-1 beats MSE-1 by >= 25% on FD", get[("ours", 1)].fd <= 0.75 * get[("mse", 1)].fd),
+        ("ours-4 accuracy within 3 points of teacher-32",
+         get[("ours", 4)].accuracy >= t32.accuracy - 0.03),
+    ]
+    for n in STUDENT_STEPS:
+        checks.append((f"ours-{n} beats teacher-{n} on FD", get[("ours", n)].fd < get[("teacher", n)].fd))
+    return checks
+
+
+def side_by_side(grid_images: dict, columns: list[tuple[str, int]], path: Path) -> None:
+    """Columns of 10 digits × 4 samples, one column per (model, steps), with a 4 px gutter."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for key in columns:
+        imgs = grid_images[key]  # (40, 3, H, W): digit-major, 4 per digit
+        h, w = imgs.shape[-2:]
+        block = torch.ones(3, 10 * h, 4 * w)
+        for i, img in enumerate(imgs):
+            d, k = divmod(i, 4)
+            block[:, d * h:(d + 1) * h, k * w:(k + 1) * w] = img
+        tiles.append(block)
+    scale, gutter, label_h = 3, 12, 18
+    bw, bh = tiles[0].shape[2] * scale, tiles[0].shape[1] * scale
+    canvas = Image.new("RGB", (len(tiles) * (bw + gutter) + gutter, bh + label_h + gutter), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (tile, (name, steps)) in enumerate(zip(tiles, columns)):
+        arr = (tile.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        im = Image.fromarray(arr).resize((bw, bh), Image.NEAREST)
+        x = gutter + i * (bw + gutter)
+        canvas.paste(im, (x, label_h))
+        draw.text((x + 2, 2), f"{name}-{steps}", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs/digits.yaml"))
+    p.add_argument("--override", action="append", default=[], help="dotted.key=value for the base config")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--runs-root", default=str(ROOT / "runs/bench"))
+    p.add_argument("--per-digit", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "docs"))
+    args = p.parse_args(argv)
+
+    from train.digits_model import read_model_info
+    from train.evaluate import ensure_digits_classifier, held_out_images, load_pipeline
+    from train.generate import load_export_pipeline
+
+    base_cfg = load_config(args.config, args.override)
+    runs = {name: train_variant(name, VARIANTS[name](base_cfg), Path(args.runs_root)) for name in args.variants}
+    base_dir = resolve_base(base_cfg.model)
+    guidance = float(read_model_info(base_dir).get("guidance_scale", base_cfg.stages[0].guidance_scale))
+    classifier = ensure_digits_classifier(cache_root(base_cfg.model))
+    real = held_out_images()[0]
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    rows: list[Row] = []
+    grid_images: dict = {}
+    teacher = load_pipeline(base_dir)
+    for steps in TEACHER_STEPS:
+        rows.append(evaluate_row("teacher", teacher, steps, guidance, args.per_digit, classifier, real,
+                                 grid_images, args.seed))
+    del teacher
+    prefix = base_cfg.export.name
+    for name, run in runs.items():
+        kind = "lora" if name == "lora" else "unet"
+        for steps in STUDENT_STEPS:
+            path = export_file(run, prefix, steps, kind)
+            if not path.is_file():
+                print(f"[bench] {name}: no export {path.name}; row skipped", flush=True)
+                continue
+            pipe, info = load_export_pipeline(base_dir, path)
+            rows.append(evaluate_row(name, pipe, info.num_inference_steps, 0.0, args.per_digit, classifier,
+                                     real, grid_images, args.seed))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = [c for c in [("teacher", 32), ("teacher", 4), ("mse", 4), ("mse", 1), ("ours", 4), ("ours", 1)]
+               if c in grid_images]
+    side_by_side(grid_images, columns, out / "bench_side_by_side.png")
+    report = [f"# Digits quality benchmark ({args.per_digit * 10} images per row)\n", table(rows), ""]
+    if all(any(r.name == n for r in rows) for n in ("ours", "mse")):
+        report += ["| target | met |", "|---|---|"]
+        report += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in targets(rows)]
+    report += ["", "Runs: " + ", ".join(f"{k}: `{v}`" for k, v in runs.items())]
+    (out / "bench_results.md").write_text("\n".join(report) + "\n")
+    (out / "bench_results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    print("\n".join(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
