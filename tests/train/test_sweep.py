@@ -1,0 +1,247 @@
+"""Sweeps: expansion, names and validation in process; the CLI's --dry-run and --commands in a
+subprocess; a short two-run sweep on the tiny digits model trained for real (results tables,
+skipping finished runs on rerun, a failing run reported while the sweep goes on, --eval)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.config import load_config
+from train.sweep import SweepError, format_value, load_sweep, run_names
+from train.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Two stages, ~2 steps per phase: an MSE stage, then an adversarial LoRA → merge → full stage.
+SHORT_RECIPE = """stages:
+  - teacher_steps: 32
+    student_steps: 8
+    guidance_scale: 3.0
+    phases:
+      - {kind: mse, steps: 2, form: full}
+  - teacher_steps: 8
+    student_steps: 2
+    phases:
+      - {kind: adv_conditional, steps: 2, form: lora}
+      - {kind: merge, steps: 0, form: lora}
+      - {kind: adv_unconditional, steps: 2, form: full}
+"""
+
+
+def _env() -> dict:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def _sweep_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train.sweep", *map(str, args)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+EXAMPLE = """base: configs/tiny.yaml
+root: {root}
+overrides: {{export.dtype: fp16, optim.lr_mse: 3.0e-4}}
+grid:
+  discriminator.backbone_trainable: [false, true]
+  optim.lr_adv_full: [1.0e-5, 2.0e-5]
+runs:
+  - {{name: single_head, discriminator.bucket_edges: []}}
+  - {{discriminator.bucket_edges: [100, 500], optim.lr_adv_full: 3.0e-5}}
+"""
+
+
+# ----------------------------------------------------------------------------- expansion
+
+@pytest.fixture
+def in_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # base paths in sweep files are relative to the working directory
+
+
+def test_expansion_grid_and_list_names_and_overrides(tmp_path, in_root):
+    sweep = load_sweep(_write(tmp_path / "s.yaml", EXAMPLE.format(root=tmp_path / "sw")))
+    names = [r.name for r in sweep.runs]
+    assert names == [
+        "backbone_trainable-false_lr_adv_full-1e-05", "backbone_trainable-false_lr_adv_full-2e-05",
+        "backbone_trainable-true_lr_adv_full-1e-05", "backbone_trainable-true_lr_adv_full-2e-05",
+        "single_head", "bucket_edges-100+500_lr_adv_full-3e-05"]
+    assert sweep.varying == ["discriminator.backbone_trainable", "optim.lr_adv_full",
+                             "discriminator.bucket_edges"]
+    by_name = {r.name: r for r in sweep.runs}
+    cfg = by_name["backbone_trainable-true_lr_adv_full-2e-05"].config
+    assert cfg.discriminator.backbone_trainable is True and cfg.optim.lr_adv_full == 2e-5
+    assert cfg.export.dtype == "fp16" and cfg.optim.lr_mse == 3e-4  # common overrides everywhere
+    assert cfg.output_dir == str(tmp_path / "sw" / "backbone_trainable-true_lr_adv_full-2e-05")
+    single = by_name["single_head"].config
+    assert single.discriminator.bucket_edges == [] and single.discriminator.backbone_trainable is False
+    assert single.export.dtype == "fp16"
+    assert by_name["bucket_edges-100+500_lr_adv_full-3e-05"].config.discriminator.bucket_edges == [100, 500]
+    # the args handed to `python -m train` reproduce the same config
+    run = by_name["single_head"]
+    assert load_config(ROOT / "configs/tiny.yaml", list(run.args)) == run.config
+    assert run.args[-1] == f"output_dir={tmp_path / 'sw' / 'single_head'}"
+
+
+def test_names_unique_and_safe_when_values_clash():
+    safe = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
+    names = run_names([(None, {"validation.prompts": ["a b"], "model.base": "x/y"}),
+                       (None, {"validation.prompts": ["a-b"], "model.base": "x-y"}),
+                       (None, {"validation.prompts": ["c"], "model.base": "x-y"})])
+    assert len(set(names)) == 3 and all(set(n) <= safe for n in names)
+    # the first two slug alike: both get a hash of their overrides appended
+    assert names[0].startswith("prompts-a-b_base-x-y-") and names[1].startswith("prompts-a-b_base-x-y-")
+    assert names[2] == "prompts-c_base-x-y"
+    # keys sharing a last component keep enough of their path to tell them apart; a key with
+    # the same value in every run does not appear; a run with nothing varying is "base"
+    assert run_names([(None, {"seed": 1, "optim.lr": 1e-4}), (None, {"seed": 1, "other.lr": 1e-4}),
+                      (None, {"seed": 1})]) == ["optim.lr-0.0001", "other.lr-0.0001", "base"]
+    assert run_names([(None, {"optim.lr": -1.0}), (None, {"optim.lr": 1.0})]) == ["lr--1.0", "lr-1.0"]
+    long = run_names([(None, {"validation.prompts": ["x" * 200]}), (None, {})])
+    assert len(long[0]) == 100 and long[1] == "base"
+    with pytest.raises(SweepError, match="duplicate run names"):
+        run_names([("a", {"seed": 1}), ("a", {"seed": 2})])
+
+
+@pytest.mark.parametrize("value", [True, None, 3, 1e-05, 0.5, [], [1, 2], "digits:tiny", "true",
+                                   "a b", "1.5", ["x", "no"]])
+def test_format_value_round_trips_through_dotlist(value):
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.create({"v": None})
+    conf.merge_with_dotlist([f"v={format_value(value)}"])
+    assert OmegaConf.to_container(conf)["v"] == value
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("grid:\n  optim.lr_adv_full: [1.0e-5, -1.0]\n",
+     "run 'lr_adv_full--1.0': optim.lr_adv_full: must be > 0"),
+    ("runs:\n  - {name: typo, discriminator.bucket_edgez: []}\n",
+     "run 'typo': discriminator.bucket_edgez: unknown key"),
+    ("runs:\n  - {name: bad, discriminator.loss: hinj}\n", "run 'bad': discriminator.loss: 'hinj' is not one of"),
+    ("gird:\n  seed: [1, 2]\n", "gird: unknown sweep key; allowed: ['base', 'root', 'overrides', 'grid', 'runs']"),
+    ("grid:\n  seed: 3\n", "grid.seed: expected a non-empty list"),
+    ("overrides: {output_dir: /x}\n", "output_dir is set by the sweep"),
+    ("runs:\n  - {name: 'a/b', seed: 1}\n", "runs.0.name: 'a/b' is not a file-name-safe name"),
+])
+def test_validation_errors_name_the_run_or_key(tmp_path, in_root, text, expected):
+    path = _write(tmp_path / "s.yaml", f"base: configs/tiny.yaml\nroot: {tmp_path}\n{text}")
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    assert expected in str(err.value)
+
+
+def test_dry_run_and_commands_cli(tmp_path):
+    path = _write(tmp_path / "s.yaml", EXAMPLE.format(root="runs/sweeps/example"))
+    dry = _sweep_cli(path, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "single_head" in dry.stdout and "runs/sweeps/example/single_head" in dry.stdout
+    assert "discriminator.bucket_edges=[100,500] optim.lr_adv_full=3e-05" in dry.stdout
+    assert "# 6 runs from configs/tiny.yaml" in dry.stdout
+    assert not (ROOT / "runs/sweeps/example").exists()  # nothing ran, nothing written
+
+    plain = _sweep_cli(path, "--commands")
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.strip().splitlines()
+    assert len(lines) == 6
+    args = shlex.split(lines[4])
+    assert args[:4] == ["python", "-m", "train", "configs/tiny.yaml"]
+    assert args[4:] == ["export.dtype=fp16", "optim.lr_mse=0.0003", "discriminator.bucket_edges=[]",
+                        "output_dir=runs/sweeps/example/single_head"]
+    launched = _sweep_cli(path, "--commands", "--launcher", "accelerate launch --multi_gpu --num_processes 8")
+    first = shlex.split(launched.stdout.splitlines()[0])
+    assert first[:7] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "8", "-m", "train"]
+
+    bad = _sweep_cli(_write(tmp_path / "bad.yaml", "base: configs/tiny.yaml\nroot: x\n"
+                            "runs:\n  - {name: r1, optim.lr_mse: -1}\n"), "--dry-run")
+    assert bad.returncode == 2 and "run 'r1': optim.lr_mse: must be > 0" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- a real short sweep
+
+@pytest.fixture(scope="module")
+def short_sweep(digits_cache, tmp_path_factory):
+    """A two-run sweep (single head vs one bucket edge) of a 2-stage recipe, trained once."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    tiny = (ROOT / "configs/tiny.yaml").read_text()
+    base = _write(tmp / "short.yaml", tiny[: tiny.index("stages:")] + SHORT_RECIPE + tiny[tiny.index("student:"):])
+    sweep = _write(tmp / "sweep.yaml", f"base: {base}\nroot: {tmp / 'root'}\n"
+                   f"overrides: {{model.cache_dir: {digits_cache}}}\n"
+                   "grid:\n  discriminator.bucket_edges: [[], [500]]\n")
+    first = _sweep_cli(sweep)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return tmp, sweep, first
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_short_sweep_runs_both_and_tabulates(short_sweep):
+    tmp, _, first = short_sweep
+    root = tmp / "root"
+    names = ["bucket_edges-empty", "bucket_edges-500"]
+    for name in names:
+        assert (root / name / "stages/2step/stage.json").is_file()
+        assert f"[{name}] " in first.stdout  # the run's output was streamed, prefixed
+        assert (root / "logs" / f"{name}.log").stat().st_size > 0
+    rows = _read_csv(root / "results.csv")
+    assert [(r["run"], r["stage"]) for r in rows] == [(n, s) for n in names for s in ("8step", "2step")]
+    for row in rows:
+        assert row["status"] == "finished" and row["skipped_steps"] == "0"
+        if row["stage"] == "8step":  # the MSE stage
+            assert float(row["loss_mse"]) > 0 and row["loss_g"] == ""
+        else:  # the adversarial stage
+            assert row["loss_mse"] == "" and all(row[k] != "" for k in ("loss_d", "loss_g", "d_acc_real"))
+    assert {r["discriminator.bucket_edges"] for r in rows} == {"[]", "[500]"}
+    md = (root / "results.md").read_text()
+    assert md.count("| bucket_edges-empty | finished | [] |") == 2
+    assert "| run | status | discriminator.bucket_edges | stage | loss_mse |" in md
+
+
+def test_rerun_skips_finished_and_failed_run_is_reported(short_sweep):
+    tmp, sweep, _ = short_sweep
+    root = tmp / "root"
+    before = {n: len(read_metrics(root / n)) for n in ("bucket_edges-empty", "bucket_edges-500")}
+    again = _sweep_cli(sweep)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished, skipped") == 2 and "[bucket_edges-" not in again.stdout
+    assert {n: len(read_metrics(root / n)) for n in before} == before  # no new metrics rows
+
+    # A run that fails at its first step (config valid), listed before a finished one: the
+    # failure is reported, the sweep goes on to the next run, and exits non-zero at the end.
+    text = sweep.read_text().split("grid:")[0] + (
+        "runs:\n"
+        "  - {name: broken, runtime.fault_nonfinite_steps: [0], runtime.max_nonfinite_steps: 1}\n"
+        "  - {name: bucket_edges-500, discriminator.bucket_edges: [500]}\n")
+    mixed = _sweep_cli(_write(tmp / "mixed.yaml", text))
+    assert mixed.returncode == 1
+    assert "broken: FAILED" in mixed.stdout and "bucket_edges-500: finished, skipped" in mixed.stdout
+    assert "1 of 2 runs failed: broken" in mixed.stderr
+    assert len(read_metrics(root / "bucket_edges-500")) == before["bucket_edges-500"]
+    status = {r["run"]: r["status"] for r in _read_csv(root / "results.csv")}
+    assert status == {"broken": "failed (exit 1)", "bucket_edges-500": "finished"}
+
+
+def test_collect_only_with_eval(short_sweep):
+    tmp, sweep, _ = short_sweep
+    result = _sweep_cli(sweep, "--collect-only", "--eval", "--eval-per-digit", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "==> [" not in result.stdout  # nothing ran
+    rows = _read_csv(tmp / "root" / "results.csv")
+    assert len(rows) == 4
+    for row in rows:
+        assert float(row["digits_fd"]) >= 0 and 0 <= float(row["prompt_accuracy"]) <= 1
+    assert "digits_fd | prompt_accuracy |" in (tmp / "root" / "results.md").read_text()
