@@ -14,6 +14,8 @@ import json
 import time
 from dataclasses import asdict
 
+import torch
+
 from train.digits_model import SPECS, build_digits_model, ensure_digits_model, read_model_info
 
 
@@ -23,7 +25,11 @@ def main() -> None:
     p.add_argument("--size", default="full", choices=sorted(SPECS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-root", default=None, help="cache root (default $DISTILL_CACHE)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; 1 is much faster on a CPU shared with other jobs")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.time()
     if args.out is not None:
         report = asdict(build_digits_model(args.out, args.size, args.seed, args.cache_root))

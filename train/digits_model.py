@@ -4,9 +4,9 @@ No SDXL weights can be downloaded here, so this builder trains one from scratch 
 scikit-learn's handwritten digits (`sklearn.datasets.load_digits`, 1,797 8×8 images shipped
 inside scikit-learn), upsampled to 32×32 RGB (ARCHITECTURE.md, "Embedded default"):
 
-- two CLIP tokenizers whose byte-level BPE vocabulary is generated here (every byte, its
-  `</w>` form, merges that make each prompt word one token, and the two CLIP specials);
-- two random-init CLIP text encoders (SDXL freezes them, the UNet learns to read them);
+- two CLIP tokenizers whose byte-level BPE vocabulary is generated locally and two
+  random-init CLIP text encoders (SDXL freezes them, the UNet learns to read them), from
+  `train/digits_text.py`;
 - an `AutoencoderKL` (32×32×3 ↔ 4×8×8) trained on the digits;
 - an SDXL-style `UNet2DConditionModel` (`addition_embed_type="text_time"`) trained as an
   epsilon-prediction DDPM on SDXL's scaled-linear schedule with 10 % prompt dropout to
@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from train.digits_text import build_text_encoders, write_tokenizer
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RESOLUTION = 32  # pixels; the VAE downsamples by 4 to 8×8 latents
@@ -85,8 +87,15 @@ def digits_images(resolution: int = RESOLUTION) -> DigitsData:
     return DigitsData(x.contiguous(), torch.from_numpy(digits.target).long())
 
 
-def digits_split(seed: int = 0) -> DigitsSplit:
-    """The deterministic stratified 85/15 train/held-out split every component shares."""
+SPLIT_SEED = 0  # the canonical split: every model seed trains on the same training digits
+
+
+def digits_split(seed: int = SPLIT_SEED) -> DigitsSplit:
+    """The deterministic stratified 85/15 train/held-out split every component shares.
+
+    Builders, shards and the evaluator all use the default seed, so the held-out digits are
+    never trained on whatever seed a model is built with.
+    """
     from sklearn.model_selection import train_test_split
 
     labels = digits_images().labels.numpy()
@@ -140,77 +149,6 @@ SPECS = {
         guidance_candidates=(), eval_per_digit=0),
 }
 DEFAULT_GUIDANCE = 4.0
-MAX_TOKENS = 16  # tokenizer model_max_length = text encoder max_position_embeddings
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's reversible map from the 256 bytes to printable unicode symbols."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
-
-
-def write_tokenizer(out_dir: Path, words: list[str], max_length: int = MAX_TOKENS):
-    """Write a CLIP byte-level BPE tokenizer (vocab.json, merges.txt) and load it back.
-
-    Merges build each word left to right ("d i", "di g", …, "digi t</w>"), so every prompt
-    word is exactly one token and any other text still tokenizes, byte by byte.
-    """
-    from transformers import CLIPTokenizer
-
-    symbols = _bytes_to_unicode()
-    vocab = symbols + [s + "</w>" for s in symbols]
-    merges: list[str] = []
-    for word in sorted(set(words)):
-        parts = list(word)
-        parts[-1] += "</w>"
-        while len(parts) > 1:
-            merge = f"{parts[0]} {parts[1]}"
-            if merge not in merges:
-                merges.append(merge)
-                vocab.append(parts[0] + parts[1])
-            parts = [parts[0] + parts[1], *parts[2:]]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(vocab=str(out_dir / "vocab.json"), merges=str(out_dir / "merges.txt"),
-                              model_max_length=max_length)
-    tokenizer.save_pretrained(out_dir)
-    return CLIPTokenizer.from_pretrained(out_dir)
-
-
-def build_text_encoders(spec: DigitsModelSpec, tokenizer, seed: int):
-    """Two random-init CLIP encoders: `CLIPTextModel` and `CLIPTextModelWithProjection`.
-
-    Token embeddings are re-drawn at unit scale: CLIP's init (std 0.02) gives penultimate
-    hidden states so small that a from-scratch UNet's cross-attention reads them slowly.
-    """
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
-        intermediate_size=2 * spec.text_hidden, num_hidden_layers=spec.text_layers,
-        num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=spec.projection_dim, hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    encoders = (CLIPTextModel(config), CLIPTextModelWithProjection(config))
-    for enc in encoders:
-        torch.nn.init.normal_(enc.get_input_embeddings().weight, std=1.0)
-        enc.requires_grad_(False).eval()
-    return encoders
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -398,14 +336,15 @@ def build_digits_model(out_dir: str | os.PathLike, size: str = "full", seed: int
     if size not in SPECS:
         raise ValueError(f"size must be one of {sorted(SPECS)}, got {size!r}")
     spec, out_dir, start = SPECS[size], Path(out_dir), time.time()
-    split, data = digits_split(seed), digits_images()
+    split, data = digits_split(), digits_images()  # model seed ≠ split seed, see SPLIT_SEED
     images = to_model_range(data.images)
     train_idx = torch.from_numpy(split.train)
 
     words = sorted({w for d in range(10) for w in prompt_for(d).split()})
     tokenizer = write_tokenizer(out_dir / "tokenizer", words)
     tokenizer_2 = write_tokenizer(out_dir / "tokenizer_2", words)
-    text_encoder, text_encoder_2 = build_text_encoders(spec, tokenizer, seed)
+    text_encoder, text_encoder_2 = build_text_encoders(
+        tokenizer, spec.text_hidden, spec.text_layers, spec.projection_dim, seed)
     trained = train_vae(spec, images[train_idx], images[torch.from_numpy(split.eval)], seed)
     unet = build_unet(spec, 2 * spec.text_hidden, seed)
     scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULE, prediction_type="epsilon",
@@ -438,7 +377,8 @@ def build_digits_model(out_dir: str | os.PathLike, size: str = "full", seed: int
         accuracy, fd, search)
     info = {"version": MODEL_VERSION, "size": size, "seed": seed, "resolution": RESOLUTION,
             "guidance_scale": guidance, "time_ids": list(TIME_IDS),
-            "prompts": [prompt_for(d) for d in range(10)], "metrics": asdict(report)}
+            "prompts": [prompt_for(d) for d in range(10)],
+            "metrics": {k: v for k, v in asdict(report).items() if k != "path"}}
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return report
 
