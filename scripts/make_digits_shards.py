@@ -16,7 +16,7 @@ from train.digits_data import write_digits_shards
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
+    p.add_argument("--seed", type=int, default=0, help="training-sample order seed (the split is fixed)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     args = p.parse_args()
     for key, value in asdict(write_digits_shards(args.out, args.seed, args.shard_size)).items():

@@ -79,10 +79,11 @@ def _write_split(out_dir: Path, prefix: str, indices: np.ndarray, shard_size: in
 
 def write_digits_shards(out_dir: str | os.PathLike, seed: int = 0,
                         shard_size: int = 256) -> DigitShards:
-    """Write the train and held-out shards of `digits_split(seed)` into `out_dir`."""
+    """Write the train and held-out shards of the canonical `digits_split()` into `out_dir`;
+    `seed` only orders the training samples."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    split = digits_split(seed)
+    split = digits_split()
     # Training samples in a seeded random order, so each shard holds every digit.
     train = np.random.default_rng(seed).permutation(split.train)
     n_train = _write_split(out_dir, "train", train, shard_size)

@@ -50,7 +50,7 @@ def test_samples_read_back_through_webdataset(shards):
             assert (meta["width"], meta["height"]) == (32, 32) and meta["key"] == s["__key__"]
             assert s["txt"].decode() == prompt_for(meta["label"]) == meta["caption"]
             assert meta["label"] == int(data.labels[meta["index"]])
-            pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
             assert torch.equal(pixels, data.images[meta["index"]])  # lossless
             indices.append(meta["index"])
         assert sorted(indices) == sorted(expected.tolist())  # exactly this split, no leakage
