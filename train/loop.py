@@ -272,7 +272,8 @@ def _train_phase(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], out: Path
         log.info("resumed %s/%s at step %d from %s", plan.stage_name, plan.name, counters.step, ckpt)
     phase_begin = phase_start_step(plans, plan.index)
     update = step_fns.Updater(accelerator, cfg.optim.max_grad_norm)
-    stream = iter(_batches(cfg, shards, accelerator, phase_begin + counters.step))
+    loader = _batches(cfg, shards, accelerator, phase_begin + counters.step)
+    stream = iter(loader)
     bar = tqdm(total=plan.steps, initial=counters.step, desc=f"{plan.stage_name}/{plan.name}",
                disable=not (accelerator.is_main_process and cfg.logging.progress_bar), dynamic_ncols=True)
     step, in_row, skipped = counters.step, counters.nonfinite_in_row, counters.skipped_total
@@ -316,7 +317,7 @@ def _train_phase(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], out: Path
             row = {"global_step": phase_begin + step, "stage": plan.stage_name, "phase": plan.name,
                    "step": step, "lr": lr * factor, "samples_per_s": samples / elapsed,
                    "skipped_steps": skipped, "step_ok": ok, **outcome.metrics,
-                   "data_skips": sum(getattr(batch, "skip_counts", {}).values())}
+                   "data_skips": dict(loader.skip_counts)}
             tracker.log(row)
             bar.set_postfix({k: f"{v:.3g}" for k, v in outcome.metrics.items() if k.startswith("loss")})
             tick, samples = time.time(), 0
@@ -328,7 +329,8 @@ def _train_phase(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], out: Path
         if step % cfg.checkpoint.every_steps == 0 and step < plan.steps:
             save_checkpoint(accelerator, phase_dir, Counters(plan.index, step, in_row, skipped),
                             cfg.checkpoint.keep_last)
-            stream = iter(_batches(cfg, shards, accelerator, phase_begin + step))  # see _batches
+            loader = _batches(cfg, shards, accelerator, phase_begin + step)  # see _batches
+            stream = iter(loader)
     bar.close()
     final_unet = accelerator.unwrap_model(unet)
     if ema is not None:
