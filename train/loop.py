@@ -87,7 +87,11 @@ def run(cfg: Config) -> RunResult:
     try:
         for plan in plans:
             phase_dir = out / "stages" / plan.stage_name / plan.name
-            if not is_complete(phase_dir / "final"):
+            done = is_complete(phase_dir / "final")
+            # Every rank looks before any rank can write (the main process writes finals):
+            # otherwise a fast main process finishes a merge and a slower rank skips it.
+            accelerator.wait_for_everyone()
+            if not done:
                 if plan.kind == "merge":
                     _merge_phase(plan, plans, out, base, accelerator)
                 else:

@@ -75,8 +75,9 @@ class Updater:
     def __call__(self, loss: Tensor, optimizer, params, retain_graph: bool = False) -> tuple[bool, float]:
         acc = self.accelerator
         finite_loss = bool(torch.isfinite(loss.detach()).all())
-        if finite_loss:
-            acc.backward(loss, retain_graph=retain_graph)
+        # Backward even on a non-finite loss: under DDP every rank must join the gradient
+        # all-reduce, or the ranks whose loss was finite wait forever. The step is skipped below.
+        acc.backward(loss, retain_graph=retain_graph)
         if acc.sync_gradients:
             if self.max_grad_norm > 0:
                 norm = acc.clip_grad_norm_(params, self.max_grad_norm)
