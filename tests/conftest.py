@@ -35,3 +35,37 @@ def digits_cache(tmp_path_factory) -> Path:
     ensure_digits_model(root, "tiny")
     ensure_digits_shards(root)
     return root
+
+
+# A two-stage recipe: an MSE stage, then an adversarial LoRA → merge → full stage; long enough
+# in its first adversarial phase (8 steps) to be interrupted inside it.
+SHORT_RECIPE = """stages:
+  - teacher_steps: 32
+    student_steps: 8
+    guidance_scale: 3.0
+    phases:
+      - {kind: mse, steps: 2, form: full}
+  - teacher_steps: 8
+    student_steps: 2
+    phases:
+      - {kind: adv_conditional, steps: 8, form: lora}
+      - {kind: merge, steps: 0, form: lora}
+      - {kind: adv_unconditional, steps: 2, form: full}
+"""
+
+
+def write_short_config(directory: Path, adversarial_steps: int = 8) -> Path:
+    """configs/tiny.yaml with its recipe replaced by SHORT_RECIPE."""
+    tiny = (ROOT / "configs/tiny.yaml").read_text()
+    recipe = SHORT_RECIPE.replace("steps: 8, form: lora", f"steps: {adversarial_steps}, form: lora")
+    path = directory / "short.yaml"
+    path.write_text(tiny[: tiny.index("stages:")] + recipe + tiny[tiny.index("student:"):])
+    return path
+
+
+def subprocess_env(**extra: str) -> dict:
+    """Environment for CLI subprocesses: offline wandb, one thread, unbuffered output."""
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", **extra)
+    env.pop("WANDB_API_KEY", None)
+    return env

@@ -14,8 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 
 from train.digits_model import (
     RESOLUTION,
+    build_once,
     default_cache_root,
     digits_images,
     digits_split,
@@ -109,16 +108,4 @@ def ensure_digits_shards(cache_root: str | os.PathLike | None = None,
     """The cached shards, written first if missing (temp dir + rename, never half-written)."""
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     final = root / f"digits-shards-seed{seed}-v{SHARDS_VERSION}"
-    if not (final / INDEX_FILE).exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-        try:
-            write_digits_shards(tmp, seed)
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another process finished first; keep its copy
-                if not (final / INDEX_FILE).exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return read_digits_shards(final)
+    return read_digits_shards(build_once(final, INDEX_FILE, lambda tmp: write_digits_shards(tmp, seed)))

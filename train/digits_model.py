@@ -398,16 +398,23 @@ def ensure_digits_model(cache_root: str | os.PathLike | None = None, size: str =
     """
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     final = root / f"digits-model-{size}-seed{seed}-v{MODEL_VERSION}"
-    if (final / INFO_FILE).exists():
+    return build_once(final, INFO_FILE, lambda tmp: build_digits_model(tmp, size, seed, cache_root=root))
+
+
+def build_once(final: Path, marker: str, build) -> Path:
+    """`final`, built by `build(tmp_dir)` unless `final/marker` exists: into a temp dir renamed
+    when complete, so a crash never leaves a half-built cache entry and concurrent builders
+    (ranks of one run) keep whichever copy finished first."""
+    if (final / marker).exists():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        build_digits_model(tmp, size, seed, cache_root=root)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first; keep its copy
-            if not (final / INFO_FILE).exists():
+            if not (final / marker).exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

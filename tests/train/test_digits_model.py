@@ -23,12 +23,6 @@ from train.digits_model import (
 
 
 @pytest.fixture(scope="session")
-def digits_cache(tmp_path_factory):
-    # Shared by the train/ test files: each ensure_* builds once per session.
-    return tmp_path_factory.getbasetemp() / "digits-cache"
-
-
-@pytest.fixture(scope="session")
 def tiny_model(digits_cache):
     return ensure_digits_model(digits_cache, "tiny")
 

@@ -22,11 +22,6 @@ from train.evaluate import (
 
 
 @pytest.fixture(scope="session")
-def digits_cache(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "digits-cache"
-
-
-@pytest.fixture(scope="session")
 def classifier(digits_cache):
     return ensure_digits_classifier(digits_cache)
 

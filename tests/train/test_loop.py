@@ -3,7 +3,7 @@
 Covers: the whole tiny recipe (all stages, exports, grids, metrics, wandb offline with images,
 an injected non-finite step), resume after SIGKILL inside a phase giving the same weights as an
 uninterrupted run, stopping after too many non-finite steps with the checkpoint kept, and
-`accelerate launch --cpu --num_processes 2` with both ranks agreeing.
+two processes under `accelerate launch` (gloo on CPU) with both ranks agreeing.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env, write_short_config
 from safetensors.torch import load_file
 
 from train.tracking import read_metrics
@@ -25,28 +26,8 @@ from train.tracking import read_metrics
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["32step", "8step", "4step", "2step", "1step"]
 
-# A two-stage recipe with a long enough adversarial LoRA phase to be killed inside.
-SHORT_RECIPE = """
-stages:
-  - teacher_steps: 32
-    student_steps: 8
-    guidance_scale: 3.0
-    phases:
-      - {kind: mse, steps: 2, form: full}
-  - teacher_steps: 8
-    student_steps: 2
-    phases:
-      - {kind: adv_conditional, steps: 8, form: lora}
-      - {kind: merge, steps: 0, form: lora}
-      - {kind: adv_unconditional, steps: 2, form: full}
-"""
-
-
 def _env() -> dict:
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
-    env.pop("WANDB_API_KEY", None)
-    return env
+    return subprocess_env()
 
 
 def _train_cmd(config: Path | str, out: Path, cache: Path, *overrides: str) -> list[str]:
@@ -59,12 +40,7 @@ def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def _short_config(tmp_path: Path) -> Path:
-    base = (ROOT / "configs/tiny.yaml").read_text()
-    head = base[: base.index("stages:")]
-    tail = base[base.index("student:"):]
-    path = tmp_path / "short.yaml"
-    path.write_text(head + SHORT_RECIPE.lstrip("\n") + tail)
-    return path
+    return write_short_config(tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ skipping finished runs on rerun, a failing run reported while the sweep goes on,
 from __future__ import annotations
 
 import csv
-import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env, write_short_config
 
 from train.config import load_config
 from train.sweep import SweepError, format_value, load_sweep, run_names
@@ -19,26 +19,8 @@ from train.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Two stages, ~2 steps per phase: an MSE stage, then an adversarial LoRA → merge → full stage.
-SHORT_RECIPE = """stages:
-  - teacher_steps: 32
-    student_steps: 8
-    guidance_scale: 3.0
-    phases:
-      - {kind: mse, steps: 2, form: full}
-  - teacher_steps: 8
-    student_steps: 2
-    phases:
-      - {kind: adv_conditional, steps: 2, form: lora}
-      - {kind: merge, steps: 0, form: lora}
-      - {kind: adv_unconditional, steps: 2, form: full}
-"""
-
-
 def _env() -> dict:
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
-    env.pop("WANDB_API_KEY", None)
-    return env
+    return subprocess_env()
 
 
 def _sweep_cli(*args) -> subprocess.CompletedProcess:
@@ -174,8 +156,7 @@ def test_dry_run_and_commands_cli(tmp_path):
 def short_sweep(digits_cache, tmp_path_factory):
     """A two-run sweep (single head vs one bucket edge) of a 2-stage recipe, trained once."""
     tmp = tmp_path_factory.mktemp("sweep")
-    tiny = (ROOT / "configs/tiny.yaml").read_text()
-    base = _write(tmp / "short.yaml", tiny[: tiny.index("stages:")] + SHORT_RECIPE + tiny[tiny.index("student:"):])
+    base = write_short_config(tmp, adversarial_steps=2)
     sweep = _write(tmp / "sweep.yaml", f"base: {base}\nroot: {tmp / 'root'}\n"
                    f"overrides: {{model.cache_dir: {digits_cache}}}\n"
                    "grid:\n  discriminator.bucket_edges: [[], [500]]\n")
