@@ -236,8 +236,10 @@ def mse_only_recipe(stages: Sequence[StageConfig]) -> list[StageConfig]:
         for phase in stage.phases:
             if phase.kind == "merge":
                 continue
-            kind = "mse" if phase.kind in ADVERSARIAL_KINDS else phase.kind
-            phase = replace(phase, kind=kind, form="full", teacher="previous", lr=None)
+            adversarial = phase.kind in ADVERSARIAL_KINDS
+            phase = replace(phase, kind="mse" if adversarial else phase.kind, form="full",
+                            teacher="previous", lr=None if adversarial else phase.lr)
+            kind = phase.kind
             if phases and phases[-1].kind == kind == "mse":
                 phases[-1] = replace(phases[-1], steps=phases[-1].steps + phase.steps)
             else:
