@@ -138,7 +138,7 @@ def _build_student(cfg: Config, plan: PhasePlan, start: Path | None, base: BaseM
 
 
 def _build_teacher(plan: PhasePlan, plans: list[PhasePlan], out: Path, base: BaseModel,
-                   student_unet, start: Path | None, dtype: torch.dtype) -> Teacher:
+                   student_unet, dtype: torch.dtype) -> Teacher:
     """The frozen teacher. When the student is a fresh LoRA on exactly the teacher's weights,
     the teacher is the student's own UNet with the adapter disabled (METHOD.md §5): no copy."""
     source = None if plan.teacher.stage == BASE else _stage_final(out, plans, plan.teacher.stage)
@@ -246,7 +246,7 @@ def _train_phase(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], out: Path
     torch.manual_seed(stream_seed(cfg.seed, "phase-init", plan.index))
     student = _build_student(cfg, plan, start, base)
     teacher_dtype = DTYPES[cfg.runtime.mixed_precision]
-    teacher = _build_teacher(plan, plans, out, base, student.unet, start, teacher_dtype)
+    teacher = _build_teacher(plan, plans, out, base, student.unet, teacher_dtype)
     lr, lr_d = _learning_rates(cfg, plan)
     betas = tuple(cfg.optim.betas_adv if plan.adversarial else cfg.optim.betas_mse)
     params_g = trainable_parameters(student.unet)
