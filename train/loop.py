@@ -406,13 +406,14 @@ def _finish_stage(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], out: Pat
             _validate(cfg, plan, unet, prediction_type, base, out, tracker,
                       phase_start_step(plans, plan.index) + plan.steps, tag="final")
         stage_json = out / "stages" / plan.stage_name / "stage.json"
-        if not (fresh or not stage_json.is_file()):
-            written = [Path(p) for p in json.loads(stage_json.read_text())["exports"]]
+        listed = [out / p for p in json.loads(stage_json.read_text())["exports"]] if stage_json.is_file() else []
+        if not fresh and stage_json.is_file() and all(p.is_file() for p in listed):
+            written = listed  # finished earlier: exports are already there
         elif cfg.export.enabled:
             written = _export_stage(cfg, out, plan.stage)
         stage_json.write_text(json.dumps(
-            {"stage": plan.stage, "student_steps": plan.student_steps,
-             "prediction_type": plan.prediction_type, "exports": [str(p) for p in written]}, indent=2))
+            {"stage": plan.stage, "student_steps": plan.student_steps, "prediction_type": plan.prediction_type,
+             "exports": [str(Path(p).relative_to(out)) for p in written]}, indent=2))
     accelerator.wait_for_everyone()
     return stage_final, written
 

@@ -340,7 +340,8 @@ def stage_metrics(run: SweepRun) -> dict[str, dict[str, Any]]:
 
 def _unet_export(stage_json: Path) -> Path | None:
     exports = json.loads(stage_json.read_text()).get("exports", []) if stage_json.is_file() else []
-    unets = [Path(p) for p in exports if re.search(r"_unet(_x0)?\.safetensors$", p)]
+    run_dir = stage_json.parents[2]  # <run>/stages/<N>step/stage.json; paths are relative to the run
+    unets = [run_dir / p for p in exports if re.search(r"_unet(_x0)?\.safetensors$", p)]
     return unets[0] if unets else None
 
 
