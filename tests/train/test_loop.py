@@ -100,8 +100,11 @@ def test_exports_written_per_stage(tiny_run):
 def test_rerun_of_finished_run_redoes_nothing(tiny_run, digits_cache):
     before = (tiny_run / "stages/4step/final/unet.safetensors").stat().st_mtime_ns
     rows_before = len(read_metrics(tiny_run))
+    lost_export = tiny_run / "export/tiny_lightning_4step_unet.safetensors"
+    lost_export.unlink()  # a user deleted an export: the rerun writes it again, trains nothing
     result = _run(_train_cmd("configs/tiny.yaml", tiny_run, digits_cache))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert lost_export.is_file()
     assert (tiny_run / "stages/4step/final/unet.safetensors").stat().st_mtime_ns == before
     assert not [r for r in read_metrics(tiny_run)[rows_before:] if "step_ok" in r]
 
