@@ -8,9 +8,7 @@ from scipy.stats import chisquare
 
 from discriminator.renoise import DEFAULT_TIMESTEPS, renoise, sample_renoise_timesteps
 from distill.schedule import NoiseSchedule, forward
-
-SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                      beta_schedule="scaled_linear")
+from distill.testing import SDXL_SCHEDULER
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,8 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPi
 
 from distill.sampling import decode_latents, sample
 from distill.schedule import NoiseSchedule
-from distill.testing import random_conditioning, tiny_unet
+from distill.testing import SDXL_SCHEDULER, random_conditioning, tiny_unet
 
-SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                      beta_schedule="scaled_linear")
 SCHEDULE = NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER)
 
 

@@ -25,9 +25,7 @@ from distill.schedule import (
     training_input,
     x0_to_eps,
 )
-
-SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                      beta_schedule="scaled_linear")
+from distill.testing import SDXL_SCHEDULER
 
 
 @pytest.fixture(scope="module")

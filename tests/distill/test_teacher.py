@@ -17,10 +17,8 @@ from distill.schedule import (
     trailing_grid,
 )
 from distill.teacher import Teacher
-from distill.testing import random_conditioning, tiny_unet
+from distill.testing import SDXL_SCHEDULER, random_conditioning, tiny_unet
 
-SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                      beta_schedule="scaled_linear")
 SCHEDULE = NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER)
 TOL = dict(rtol=1e-5, atol=1e-5)
 
