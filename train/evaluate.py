@@ -212,17 +212,9 @@ def evaluate_pipeline(pipe, num_steps: int, per_digit: int = 20, guidance_scale:
 
 def save_grid(images: Tensor, path: str | os.PathLike, columns: int) -> None:
     """Save images (digit-major) as a PNG grid with `columns` per row, 1 px gutters."""
-    from PIL import Image
+    from train.validation import save_grid as tile
 
-    n, c, h, w = images.shape
-    rows = -(-n // columns)
-    grid = torch.ones(c, rows * (h + 1) + 1, columns * (w + 1) + 1) * 0.5
-    for i, img in enumerate(images):
-        r, k = divmod(i, columns)
-        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = img
-    arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+    tile(images, path, columns, gutter=1)
 
 
 def load_pipeline(model_dir: str | os.PathLike, unet_file: str | None = None,

@@ -385,8 +385,8 @@ def _validate(cfg: Config, plan: PhasePlan, unet, prediction_type: str, base: Ba
     images = render(unet, prediction_type, plan.student_steps, schedule=base.schedule, vae=base.vae,
                     text=base.text, prompts=prompts, images_per_prompt=cfg.validation.images_per_prompt,
                     seed=cfg.validation.seed, resolution=cfg.data.resolution)
-    path = save_grid(images, cfg.validation.images_per_prompt,
-                     out / "samples" / f"{plan.stage_name}_{plan.name}_{tag}.png", scale=2)
+    path = save_grid(images, out / "samples" / f"{plan.stage_name}_{plan.name}_{tag}.png",
+                     cfg.validation.images_per_prompt, scale=2)
     tracker.log_image(f"samples/{plan.stage_name}", path, global_step,
                       caption=f"{plan.student_steps}-step student, {plan.stage_name}/{plan.name} {tag}")
     return path

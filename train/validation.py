@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
 from distill.sampling import decode_latents, sample
+from train.digits_model import prompt_for
 from train.text import TextEncoders
 
-DIGIT_PROMPTS = [f"a handwritten digit {name}" for name in
-                 ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
+DIGIT_PROMPTS = [prompt_for(digit) for digit in range(10)]
 
 
 @torch.no_grad()
@@ -40,18 +39,23 @@ def render(unet, prediction_type: str, num_steps: int, *, schedule, vae, text: T
     return decode_latents(vae, latents)
 
 
-def save_grid(images: Tensor, ncols: int, path: Path, scale: int = 1) -> Path:
-    """Tile (N, 3, H, W) images in [0, 1] into a PNG with `ncols` columns."""
-    n, _, h, w = images.shape
-    rows = (n + ncols - 1) // ncols
-    canvas = np.ones((rows * h, ncols * w, 3), dtype=np.uint8) * 255
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncols)
-        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = arr[i]
-    image = Image.fromarray(canvas)
+def save_grid(images: Tensor, path: str | Path, columns: int, *, gutter: int = 0, scale: int = 1) -> Path:
+    """Tile (N, 3, H, W) images in [0, 1] row-major into a PNG with `columns` per row.
+
+    gutter: pixels of mid-grey between and around the tiles; scale: nearest-neighbour upscaling.
+    """
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    step_h, step_w = h + gutter, w + gutter
+    grid = torch.full((c, rows * step_h + gutter, columns * step_w + gutter), 0.5 if gutter else 1.0)
+    for i, img in enumerate(images.detach().cpu().float()):
+        r, k = divmod(i, columns)
+        top, left = gutter + r * step_h, gutter + k * step_w
+        grid[:, top:top + h, left:left + w] = img
+    image = Image.fromarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path

@@ -56,7 +56,7 @@ def test_tiny_recipe_runs_every_stage_and_phase(tiny_run):
     for stage in STAGES:
         final = tiny_run / "stages" / stage / "final"
         assert (final / "unet.safetensors").is_file() and (final / "student.json").is_file()
-        assert (tiny_run / "samples").glob(f"{stage}_*_final.png")
+        assert list((tiny_run / "samples").glob(f"{stage}_*_final.png"))
     assert json.loads((tiny_run / "stages/1step/final/student.json").read_text())["prediction_type"] == "sample"
     assert json.loads((tiny_run / "stages/8step/final/student.json").read_text())["prediction_type"] == "epsilon"
     # merge phases leave a plain UNet (no adapter); LoRA phases keep one
