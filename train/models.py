@@ -36,9 +36,10 @@ STUDENT_FILE = "student.json"
 
 
 def cache_root(model_cfg: ModelConfig) -> Path:
-    if model_cfg.cache_dir:
-        return Path(model_cfg.cache_dir)
-    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "lightning-distill"))
+    """model.cache_dir, else the embedded models' default ($DISTILL_CACHE or ~/.cache/...)."""
+    from train.digits_model import default_cache_root
+
+    return Path(model_cfg.cache_dir) if model_cfg.cache_dir else default_cache_root()
 
 
 def is_embedded(model_cfg: ModelConfig) -> bool:
