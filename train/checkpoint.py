@@ -11,13 +11,14 @@ accelerate's state (models, optimizers, EMA) are the whole state of a run.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
+
+from train.files import publish, staging_path
 
 COUNTERS_FILE = "counters.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -51,7 +52,7 @@ def latest_checkpoint(phase_dir: Path) -> Path | None:
 def save_checkpoint(accelerator: Accelerator, phase_dir: Path, counters: Counters, keep_last: int) -> Path:
     """Save accelerate state on every process, then publish atomically and prune old ones."""
     final = phase_dir / f"checkpoint-{counters.step}"
-    tmp = phase_dir / f"checkpoint-{counters.step}.tmp"
+    tmp = staging_path(final)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -60,8 +61,7 @@ def save_checkpoint(accelerator: Accelerator, phase_dir: Path, counters: Counter
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / COUNTERS_FILE).write_text(json.dumps(asdict(counters), indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        publish(tmp, final)
         for _, old in complete_checkpoints(phase_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -21,12 +21,11 @@ import numpy as np
 
 from train.digits_model import (
     RESOLUTION,
-    build_once,
-    default_cache_root,
     digits_images,
     digits_split,
     prompt_for,
 )
+from train.files import build_once, default_cache_root
 
 SHARDS_VERSION = 1  # bump when the layout changes, so caches rebuild
 INDEX_FILE = "shards.json"

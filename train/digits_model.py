@@ -27,8 +27,6 @@ import copy
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from train.digits_text import build_text_encoders, write_tokenizer
+from train.files import build_once, default_cache_root
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RESOLUTION = 32  # pixels; the VAE downsamples by 4 to 8×8 latents
@@ -383,12 +382,6 @@ def build_digits_model(out_dir: str | os.PathLike, size: str = "full", seed: int
     return report
 
 
-def default_cache_root() -> Path:
-    """$DISTILL_CACHE, else ~/.cache/lightning-distill."""
-    env = os.environ.get("DISTILL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "lightning-distill"
-
-
 def ensure_digits_model(cache_root: str | os.PathLike | None = None, size: str = "full",
                         seed: int = 0) -> Path:
     """The cached model folder, built first if missing.
@@ -399,26 +392,6 @@ def ensure_digits_model(cache_root: str | os.PathLike | None = None, size: str =
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     final = root / f"digits-model-{size}-seed{seed}-v{MODEL_VERSION}"
     return build_once(final, INFO_FILE, lambda tmp: build_digits_model(tmp, size, seed, cache_root=root))
-
-
-def build_once(final: Path, marker: str, build) -> Path:
-    """`final`, built by `build(tmp_dir)` unless `final/marker` exists: into a temp dir renamed
-    when complete, so a crash never leaves a half-built cache entry and concurrent builders
-    (ranks of one run) keep whichever copy finished first."""
-    if (final / marker).exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first; keep its copy
-            if not (final / marker).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def read_model_info(model_dir: str | os.PathLike) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from train.digits_model import default_cache_root, digits_images, digits_split, prompt_for
+from train.digits_model import digits_images, digits_split, prompt_for
+from train.files import atomic_file, default_cache_root
 
 CLASSIFIER_VERSION = 2  # bump when the classifier changes, so caches retrain
 
@@ -93,11 +93,8 @@ def ensure_digits_classifier(cache_root: str | os.PathLike | None = None,
     path = root / f"digits-classifier-seed{seed}-v{CLASSIFIER_VERSION}.safetensors"
     if not path.exists():
         model = train_digits_classifier(seed)
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=root)
-        os.close(fd)
-        save_file(model.state_dict(), tmp)
-        os.replace(tmp, path)  # atomic: readers never see a torn file
+        with atomic_file(path) as tmp:  # readers never see a torn file
+            save_file(model.state_dict(), str(tmp))
     model = DigitClassifier()
     model.load_state_dict(load_file(path))
     return model.eval().requires_grad_(False)

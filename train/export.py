@@ -33,9 +33,8 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +43,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from distill.lora import (
+    extract_lora,
+    fold_lora,
+    kohya_state_dict,
+    lora_from_adapter,
+    lora_target_modules,
+)
 from distill.phases import stage_name
 from train.config import Config, load_config
+from train.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -120,179 +127,12 @@ def read_export_info(path: str | os.PathLike) -> ExportInfo:
         config=json.loads(meta["config"]) if "config" in meta else None)
 
 
-# ----------------------------------------------------------------------------- kohya names
-
-
-def kohya_name(module_path: str) -> str:
-    """`down_blocks.0.attentions.0.proj_in` → `lora_unet_down_blocks_0_attentions_0_proj_in`."""
-    return KOHYA_PREFIX + module_path.replace(".", "_")
-
-
-def kohya_lookup(module_names: Iterable[str]) -> dict[str, str]:
-    """kohya name → module path for a UNet's modules (`_` alone is ambiguous: `proj_in` vs
-    `proj.in`, so the reverse needs the real names). Raises if two modules collide."""
-    lookup: dict[str, str] = {}
-    for name in module_names:
-        if not name:
-            continue
-        key = kohya_name(name)
-        if key in lookup and lookup[key] != name:
-            raise ValueError(f"modules {lookup[key]!r} and {name!r} share the kohya name {key!r}")
-        lookup[key] = name
-    return lookup
-
-
-def module_path(kohya_key: str, module_names: Iterable[str] | Mapping[str, str]) -> str:
-    """The module path of a kohya key (`lora_unet_….lora_down.weight`, `….alpha` or the bare
-    name); `module_names` is the UNet's `named_modules()` names or a `kohya_lookup`."""
-    lookup = module_names if isinstance(module_names, Mapping) else kohya_lookup(module_names)
-    base = kohya_key.split(".", 1)[0]
-    if base not in lookup:
-        raise KeyError(f"{kohya_key!r} names no module of this UNet")
-    return lookup[base]
-
-
-# ----------------------------------------------------------------------------- LoRA math
-
-
-@dataclass(frozen=True)
-class LoraLayer:
-    """One module's low-rank update ΔW = (alpha / rank)·up·down, kohya shapes:
-    linear down (r, in), up (out, r); conv down (r, in, kh, kw), up (out, r, 1, 1)."""
-
-    down: Tensor
-    up: Tensor
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    def delta(self) -> Tensor:
-        """ΔW in the weight's shape, float32."""
-        shape = (self.up.shape[0], *self.down.shape[1:])
-        product = self.up.float().flatten(1) @ self.down.float().flatten(1)
-        return (self.alpha / self.rank) * product.reshape(shape)
-
-
-def lora_from_adapter(state: Mapping[str, Tensor], alpha: float) -> dict[str, LoraLayer]:
-    """Per-module LoRA layers from a peft adapter (`<module>.lora_A.weight` = down, `lora_B` = up).
-
-    peft's conv lora_A is Conv2d(in, r, k) and lora_B Conv2d(r, out, 1): kohya's shapes exactly.
-    """
-    layers = {}
-    for key, down in state.items():
-        if key.endswith(".lora_A.weight"):
-            module = key[: -len(".lora_A.weight")]
-            layers[module] = LoraLayer(down, state[f"{module}.lora_B.weight"], float(alpha))
-    if not layers:
-        raise ValueError("no peft lora_A/lora_B weights in the adapter state")
-    return layers
-
-
-@dataclass(frozen=True)
-class SvdLora:
-    layer: LoraLayer
-    rel_error: float  # ||ΔW − up·down||_F / ||ΔW||_F
-    error_sq: float  # ||ΔW − up·down||_F², for the overall figure
-    norm_sq: float  # ||ΔW||_F²
-
-
-def svd_lora(delta: Tensor, rank: int) -> SvdLora:
-    """The best rank-`rank` approximation of ΔW (Eckart–Young), conv weights flattened to
-    (out, in·kh·kw) as kohya's extractor does; alpha = rank so the scale is 1.
-
-    Computed in float64 on a CPU (exact to ~1e-15) and float32 on a GPU (fast at SDXL size).
-    """
-    out_features = delta.shape[0]
-    work = torch.float64 if delta.device.type == "cpu" else torch.float32
-    flat = delta.detach().to(work).reshape(out_features, -1)
-    r = max(1, min(rank, *flat.shape))
-    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
-    up, down = u[:, :r] * s[:r], vh[:r]
-    norm_sq = float(flat.square().sum())
-    error_sq = float((flat - up @ down).square().sum())
-    up_shape = (out_features, r) if delta.ndim == 2 else (out_features, r, 1, 1)
-    layer = LoraLayer(down.reshape(r, *delta.shape[1:]).float().cpu(),
-                      up.reshape(up_shape).float().cpu(), float(r))
-    return SvdLora(layer, math.sqrt(error_sq / norm_sq) if norm_sq else 0.0, error_sq, norm_sq)
-
-
-def fold_lora(weights: Mapping[str, Tensor], layers: Mapping[str, LoraLayer]) -> dict[str, Tensor]:
-    """W + ΔW for every LoRA module (plain diffusers keys), float32."""
-    folded = {k: v.float() for k, v in weights.items()}
-    for module, layer in layers.items():
-        key = f"{module}.weight"
-        folded[key] = folded[key] + layer.delta().reshape(folded[key].shape)
-    return folded
-
-
-def kohya_state_dict(layers: Mapping[str, LoraLayer], dtype: torch.dtype) -> dict[str, Tensor]:
-    """The kohya file's tensors; alpha stays float32 (a scalar, exact)."""
-    state = {}
-    for module, layer in sorted(layers.items()):
-        name = kohya_name(module)
-        state[f"{name}.lora_down.weight"] = layer.down.to(dtype).contiguous()
-        state[f"{name}.lora_up.weight"] = layer.up.to(dtype).contiguous()
-        state[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
-    return state
-
-
 # ----------------------------------------------------------------------------- a stage's files
 
 
-@dataclass(frozen=True)
-class LoraExtraction:
-    layers: dict[str, LoraLayer]
-    report: dict
-
-
-def extract_lora(weights: Mapping[str, Tensor], base: Mapping[str, Tensor], targets: Iterable[str],
-                 rank: int, device: torch.device | str = "cpu") -> LoraExtraction:
-    """LoRA of (weights − base) over `targets` by truncated SVD, with its error report.
-
-    Target layers whose delta is exactly zero are left out. Parameters outside the target
-    weights (biases, norms, conv_in/out, time embeddings) cannot be carried by a LoRA: any
-    change there is listed under "uncovered" and counted in "uncovered_rel_norm".
-    """
-    layers, per_layer, err_sq, norm_sq = {}, {}, 0.0, 0.0
-    target_keys = set()
-    for module in targets:
-        key = f"{module}.weight"
-        target_keys.add(key)
-        delta = weights[key].to(device, torch.float64 if str(device) == "cpu" else torch.float32)
-        delta = delta - base[key].to(delta)
-        if not bool(delta.any()):
-            continue
-        result = svd_lora(delta, rank)
-        layers[module] = result.layer
-        per_layer[module] = {"rank": result.layer.rank, "rel_error": result.rel_error}
-        err_sq, norm_sq = err_sq + result.error_sq, norm_sq + result.norm_sq
-    uncovered, uncovered_sq = {}, 0.0
-    for key, value in weights.items():
-        if key in target_keys:
-            continue
-        delta = value.double() - base[key].double()
-        if bool(delta.any()):
-            uncovered_sq += float(delta.square().sum())
-            uncovered[key] = float(delta.norm() / base[key].double().norm().clamp_min(1e-30))
-    overall = math.sqrt(err_sq / norm_sq) if norm_sq else 0.0
-    report = {
-        "source": "svd", "rank": rank, "alpha": "= per-layer rank (scale 1)",
-        "overall_rel_error": overall,
-        "exact": overall < EXACT_REL_ERROR and not uncovered,
-        "layers": per_layer, "zero_delta_layers": len(target_keys) - len(per_layer),
-        "uncovered": uncovered,
-        "uncovered_rel_norm": math.sqrt(uncovered_sq / (norm_sq + uncovered_sq))
-        if norm_sq + uncovered_sq else 0.0,
-    }
-    return LoraExtraction(layers, report)
-
-
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _load_base_unet(cfg: Config):
@@ -306,7 +146,6 @@ def _load_base_unet(cfg: Config):
 
 def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
     """Write the exports of stage `stage` (index into cfg.stages) from its final; main process."""
-    from distill.student import lora_target_modules
     from train.models import read_student
 
     run_dir = Path(run_dir)

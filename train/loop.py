@@ -27,8 +27,9 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from discriminator.model import Discriminator
+from distill.lora import add_lora, has_lora
 from distill.phases import BASE, PhasePlan, expand_recipe, phase_start_step
-from distill.student import Student, add_lora, has_lora, trainable_parameters
+from distill.student import Student, trainable_parameters
 from distill.teacher import Teacher
 from train import steps as step_fns
 from train.checkpoint import (

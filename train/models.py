@@ -20,8 +20,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from distill.schedule import NoiseSchedule
-from distill.student import (
+from distill.lora import (
     add_lora,
     has_lora,
     load_lora_state_dict,
@@ -29,7 +28,9 @@ from distill.student import (
     lora_state_dict,
     merge_lora,
 )
+from distill.schedule import NoiseSchedule
 from train.config import DataConfig, ModelConfig
+from train.files import atomic_dir, default_cache_root
 from train.text import TextEncoders, load_text_encoders
 
 STUDENT_FILE = "student.json"
@@ -37,8 +38,6 @@ STUDENT_FILE = "student.json"
 
 def cache_root(model_cfg: ModelConfig) -> Path:
     """model.cache_dir, else the embedded models' default ($DISTILL_CACHE or ~/.cache/...)."""
-    from train.digits_model import default_cache_root
-
     return Path(model_cfg.cache_dir) if model_cfg.cache_dir else default_cache_root()
 
 
@@ -124,20 +123,16 @@ class SavedStudent:
 
 def save_student(unet: UNet2DConditionModel, prediction_type: str, path: Path, origin: str) -> None:
     """Write a student atomically (temp dir + rename). Call on the main process only."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(plain_state_dict(unet), tmp / "unet.safetensors")
-    meta = {"prediction_type": prediction_type, "origin": origin, "lora": None}
-    if has_lora(unet):
-        settings = lora_settings(unet)
-        save_file({k: v.detach().cpu().float().contiguous() for k, v in lora_state_dict(unet).items()},
-                  tmp / "lora.safetensors")
-        meta["lora"] = {"rank": settings.rank, "alpha": settings.alpha,
-                        "target_modules": list(settings.target_modules)}
-    (tmp / STUDENT_FILE).write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_dir(path) as tmp:
+        save_file(plain_state_dict(unet), tmp / "unet.safetensors")
+        meta = {"prediction_type": prediction_type, "origin": origin, "lora": None}
+        if has_lora(unet):
+            settings = lora_settings(unet)
+            save_file({k: v.detach().cpu().float().contiguous() for k, v in lora_state_dict(unet).items()},
+                      tmp / "lora.safetensors")
+            meta["lora"] = {"rank": settings.rank, "alpha": settings.alpha,
+                            "target_modules": list(settings.target_modules)}
+        (tmp / STUDENT_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def read_student(path: Path) -> SavedStudent:
@@ -165,13 +160,9 @@ def load_student(path: Path, base: BaseModel, *, fold_lora: bool) -> tuple[UNet2
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """Make dst a complete copy of the student folder src (hard links where possible)."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:
-            shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    with atomic_dir(dst) as tmp:
+        for f in src.iterdir():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)

@@ -15,19 +15,13 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from discriminator.losses import (
-    hinge_d_loss,
-    hinge_g_loss,
-    nonsaturating_d_loss,
-    nonsaturating_g_loss,
-    r1_penalty,
-)
 from discriminator.model import Discriminator, EncoderFeatures
 from discriminator.renoise import renoise
 from distill.conditioning import Conditioning
+from distill.losses import gan_loss, mse_loss, r1_penalty, x0_conversion_loss
 from distill.phases import PhasePlan
 from distill.schedule import NoiseSchedule, next_timestep, trailing_grid, training_input
-from distill.student import Student, mse_loss, x0_conversion_loss
+from distill.student import Student
 from distill.teacher import Teacher
 from train.config import DiscriminatorConfig
 
@@ -176,8 +170,7 @@ def adversarial_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, 
             logits = discriminator(both, torch.cat([judged.t, judged.t]), cond.cat(cond),
                                    _twice(context))
             real_logits, fake_logits = logits.float().chunk(2)
-            d_loss = (nonsaturating_d_loss if d_cfg.loss == "nonsaturating" else hinge_d_loss)(
-                real_logits, fake_logits)
+            d_loss = gan_loss(d_cfg.loss).d_loss(real_logits, fake_logits)
             loss_d = d_loss.loss
             if d_cfg.r1_weight > 0:
                 loss_d = loss_d + d_cfg.r1_weight / 2 * r1_penalty(real_logits, both)
@@ -191,7 +184,7 @@ def adversarial_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, 
     try:
         with accelerator.autocast():
             fake_logits = d_raw(judged.fake, judged.t, cond, context).float()
-            loss_g = (nonsaturating_g_loss if d_cfg.loss == "nonsaturating" else hinge_g_loss)(fake_logits)
+            loss_g = gan_loss(d_cfg.loss).g_loss(fake_logits)
             if d_cfg.mse_weight > 0:  # optional MSE mixed in (METHOD.md §3; paper: 0)
                 loss_g = loss_g + d_cfg.mse_weight * mse_loss(x_hat, x_target)
         loss_g = loss_g * math.nan if poison else loss_g

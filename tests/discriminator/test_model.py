@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from discriminator.losses import nonsaturating_d_loss, nonsaturating_g_loss
 from discriminator.model import Discriminator, EncoderFeatures, LogitHead, UNetEncoder
 from distill.conditioning import Conditioning
+from distill.losses import nonsaturating_d_loss, nonsaturating_g_loss
 from distill.testing import random_conditioning, sdxl_unet_on_meta, tiny_unet
 
 EDGES = (125, 375, 625)

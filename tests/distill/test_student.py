@@ -1,4 +1,4 @@
-"""Tests of distill/student.py: the LCM-LoRA target set at SDXL size (meta device), LoRA
+"""Tests of distill/student.py and distill/lora.py's live adapter: the LCM-LoRA target set at SDXL size (meta device), LoRA
 init / merge / state round trips on the tiny UNet, and the student's move and x0 losses."""
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from distill.schedule import CLEAN, NoiseSchedule, eps_to_x0
-from distill.student import (
-    Student,
+from distill.lora import (
     add_lora,
     has_lora,
     load_lora_state_dict,
@@ -20,15 +18,14 @@ from distill.student import (
     lora_state_dict,
     lora_target_modules,
     merge_lora,
-    mse_loss,
-    switch_to_x0,
-    trainable_parameters,
-    x0_conversion_loss,
 )
+from distill.losses import mse_loss, x0_conversion_loss
+from distill.schedule import CLEAN, NoiseSchedule, eps_to_x0
+from distill.student import Student, switch_to_x0, trainable_parameters
 from distill.testing import random_conditioning, sdxl_unet_on_meta, tiny_unet
 
 # The module-name suffixes of diffusers' LCM-LoRA SDXL script (train_lcm_distill_lora_sdxl.py),
-# an enumeration independent of the one in distill/student.py.
+# an enumeration independent of the one in distill/lora.py.
 LCM_LORA_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
                      "ff.net.2", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv",
                      "upsamplers.0.conv", "time_emb_proj")

@@ -21,6 +21,12 @@ from distill.testing import SDXL_SCHEDULER, random_conditioning, tiny_unet
 
 SCHEDULE = NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER)
 TOL = dict(rtol=1e-5, atol=1e-5)
+# Batched against per-sample walks: the same math in another reduction order (conv and
+# attention kernels pick different blockings per batch shape, and differ between Intel and AMD
+# CPUs). fp32 rounding of ~1e-7 grows through the x0 = (x_t − sqrt(1−abar)·eps)/sqrt(abar)
+# step (1/sqrt(abar_999) ≈ 15) and the CFG difference (scale 2): 1e-4 covers that with margin
+# on outputs of order 1–10, while a wrong timestep or a mixed-up sample is off by O(1).
+REDUCTION_ORDER_TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +162,14 @@ def test_target_with_mixed_timesteps_equals_per_sample(unet):
     for i in range(6):
         alone = teacher.target(x[i:i + 1], t[i:i + 1], t_next[i:i + 1], cond.index(slice(i, i + 1)),
                                teacher_steps=2)
-        torch.testing.assert_close(target[i:i + 1], alone, **TOL)
+        torch.testing.assert_close(target[i:i + 1], alone, **REDUCTION_ORDER_TOL)
     # Mixed student-grid pairs in an 8 → 4 stage.
     t, t_next = torch.tensor([749, 999, 249, 499]), torch.tensor([499, 749, CLEAN, 249])
     target = teacher.target(x[:4], t, t_next, cond.index(slice(0, 4)), teacher_steps=8)
     for i in range(4):
         alone = teacher.target(x[i:i + 1], t[i:i + 1], t_next[i:i + 1], cond.index(slice(i, i + 1)),
                                teacher_steps=8)
-        torch.testing.assert_close(target[i:i + 1], alone, **TOL)
+        torch.testing.assert_close(target[i:i + 1], alone, **REDUCTION_ORDER_TOL)
 
 
 def test_target_keeps_the_input_dtype(unet):

@@ -18,24 +18,21 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DC
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from distill.sampling import decode_latents, sample
-from distill.student import add_lora, lora_target_modules
-from distill.testing import sdxl_unet_on_meta
-from train.config import config_to_dict, config_to_yaml, load_config
-from train.digits_model import TIME_IDS, ensure_digits_model
-from train.export import (
-    LORA_FORMAT,
-    UNET_FORMAT,
+from distill.lora import (
     LoraLayer,
-    export_stage,
+    add_lora,
     kohya_lookup,
     kohya_name,
     lora_from_adapter,
-    main,
+    lora_target_modules,
     module_path,
-    read_export_info,
     svd_lora,
 )
+from distill.sampling import decode_latents, sample
+from distill.testing import sdxl_unet_on_meta
+from train.config import config_to_dict, config_to_yaml, load_config
+from train.digits_model import TIME_IDS, ensure_digits_model
+from train.export import LORA_FORMAT, UNET_FORMAT, export_stage, main, read_export_info
 from train.models import load_base, load_student, plain_state_dict, save_student
 
 REPO = Path(__file__).resolve().parents[2]

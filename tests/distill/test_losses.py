@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from discriminator.losses import (
+from distill.losses import (
     hinge_d_loss,
     hinge_g_loss,
     nonsaturating_d_loss,
