@@ -52,7 +52,7 @@ from train.models import (
     resolve_train_shards,
     save_student,
 )
-from train.text import encode_images
+from train.text import encode_images, latent_size
 from train.tracking import Tracker
 from train.validation import DIGIT_PROMPTS, render, save_grid
 
@@ -257,11 +257,10 @@ def _train_phase(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], out: Path
     disc = opt_d = None
     params_d: list = []
     if plan.adversarial:
-        latent_size = cfg.data.resolution // (2 ** (len(base.vae.config.block_out_channels) - 1))
         d_cfg = cfg.discriminator
         disc = Discriminator(base.unet, conditional=plan.conditional, bucket_edges=d_cfg.bucket_edges,
                              multiscale=d_cfg.multiscale, backbone_trainable=d_cfg.backbone_trainable,
-                             head_channels=d_cfg.head_channels or None, latent_size=latent_size,
+                             head_channels=d_cfg.head_channels or None, latent_size=latent_size(base.vae, cfg.data.resolution),
                              share_weights=not d_cfg.backbone_trainable)
         params_d = disc.trainable_parameters()
         opt_d = torch.optim.AdamW(params_d, lr=lr_d, betas=tuple(cfg.optim.betas_adv), weight_decay=0.0)

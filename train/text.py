@@ -103,6 +103,12 @@ def load_text_encoders(model_dir: str | Path, *, device: torch.device | str,
     )
 
 
+def latent_size(vae: AutoencoderKL, resolution: int) -> int:
+    """The latent side length for images of `resolution` px: the VAE halves it per down block
+    after the first (SDXL: 1024 px → 128)."""
+    return resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+
+
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, pixels: Tensor, *, dtype: torch.dtype = torch.float32,
                   posterior: str = "mean", generator: torch.Generator | None = None) -> Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from distill.sampling import decode_latents, sample
 from train.digits_model import prompt_for
-from train.text import TextEncoders
+from train.text import TextEncoders, latent_size
 
 DIGIT_PROMPTS = [prompt_for(digit) for digit in range(10)]
 
@@ -29,9 +29,9 @@ def render(unet, prediction_type: str, num_steps: int, *, schedule, vae, text: T
     time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
                             dtype=torch.float32).repeat(len(captions), 1)
     cond = text.conditioning(captions, time_ids).to(device)
-    latent_size = resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    size = latent_size(vae, resolution)
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(captions), unet.config.in_channels, latent_size, latent_size, generator=g)
+    noise = torch.randn(len(captions), unet.config.in_channels, size, size, generator=g)
     was_training = unet.training
     unet.eval()
     latents = sample(unet, schedule, noise.to(device), cond, num_steps, prediction_type, guidance_scale)
