@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distill.conditioning import Conditioning
+from train.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -412,6 +413,22 @@ def latent_loader(urls: str | Sequence[str], *, batch_size: int, seed: int, rank
     dataset = _BatchStream(plan, _latent_decoder, _collate_latents, batch_size=batch_size,
                            shuffle_buffer=shuffle_buffer, drop_last=True)
     return SampleStream(dataset, num_workers)
+
+
+def training_stream(data_cfg: DataConfig, shards: str, *, seed: int, rank: int, world_size: int,
+                    resume_step: int) -> SampleStream:
+    """The training loop's stream: precomputed latents when `data.latent_shards` is set, else
+    images from `shards` (space-separated URLs or one brace pattern), seeded by
+    (seed, rank, resume_step) (pitfall 7). The loop opens a new one at every phase start and
+    after every checkpoint, so an interrupted and resumed run reads exactly the batches an
+    uninterrupted one reads."""
+    common = dict(batch_size=data_cfg.batch_size, seed=seed, rank=rank, world_size=world_size,
+                  resume_step=resume_step, shuffle_buffer=data_cfg.shuffle_buffer,
+                  num_workers=data_cfg.num_workers)
+    if data_cfg.latent_shards:
+        return latent_loader(data_cfg.latent_shards, **common)
+    urls = shards.split(" ") if " " in shards else shards
+    return image_loader(urls, resolution=data_cfg.resolution, center_crop=data_cfg.center_crop, **common)
 
 
 def write_latent_shards(batches: Iterable[LatentBatch], out_dir: str | Path, *,

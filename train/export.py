@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -50,16 +51,17 @@ from distill.lora import (
     lora_from_adapter,
     lora_target_modules,
 )
-from distill.phases import stage_name
+from train.config import DTYPES as EXPORT_DTYPES
 from train.config import Config, load_config
-from train.files import atomic_file
+from train.files import atomic_file, write_text_atomic
+from train.layout import RunLayout
+from train.models import is_complete, read_student, resolve_base, torch_dtype
 
 log = logging.getLogger(__name__)
 
 UNET_FORMAT = "diffusers_unet"
 LORA_FORMAT = "kohya_lora"
 KOHYA_PREFIX = "lora_unet_"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 EXACT_REL_ERROR = 1e-5  # below this relative error the report calls an SVD LoRA exact
 
 
@@ -135,26 +137,20 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def _load_base_unet(cfg: Config):
-    from diffusers import UNet2DConditionModel
-
-    from train.models import resolve_base
-
+def _load_base_unet(cfg: Config) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(resolve_base(cfg.model), subfolder="unet",
                                                 torch_dtype=torch.float32)
 
 
 def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
     """Write the exports of stage `stage` (index into cfg.stages) from its final; main process."""
-    from train.models import read_student
-
-    run_dir = Path(run_dir)
+    layout = RunLayout.for_stages(run_dir, cfg.stages)
     steps = cfg.stages[stage].student_steps
-    final = run_dir / "stages" / stage_name(cfg.stages[stage]) / "final"
+    final = layout.stage_final(stage)
     saved = read_student(final)
-    out_dir = run_dir / "export"
+    out_dir = layout.export_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype, prefix = DTYPES[cfg.export.dtype], f"{cfg.export.name}_{steps}step"
+    dtype, prefix = torch_dtype(cfg.export.dtype), f"{cfg.export.name}_{steps}step"
 
     weights = load_file(final / "unet.safetensors")
     adapter = None
@@ -194,7 +190,7 @@ def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
     _atomic_save(kohya_state_dict(layers, dtype), lora_path,
                  export_metadata(cfg, steps, saved.prediction_type, LORA_FORMAT, lora_meta))
     report_path = out_dir / f"{prefix}_lora_report.json"
-    report_path.write_text(json.dumps({"file": lora_path.name, **report}, indent=2) + "\n")
+    write_text_atomic(report_path, json.dumps({"file": lora_path.name, **report}, indent=2) + "\n")
     log.info("stage %d LoRA (%s): overall relative error %.3g", stage, report["source"],
              report["overall_rel_error"])
     return written + [lora_path, report_path]
@@ -208,11 +204,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("run_dir", type=Path, help="a run directory (holds config.yaml and stages/)")
     parser.add_argument("--stages", type=int, nargs="+", metavar="STEPS",
                         help="student step counts to export (default: every finished stage)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="override export.dtype")
+    parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), help="override export.dtype")
     parser.add_argument("--lora-rank", type=int, help="override export.lora_rank (SVD LoRAs)")
     args = parser.parse_args(argv)
-    from train.models import is_complete
-
     cfg = load_config(args.run_dir / "config.yaml")
     export_cfg = cfg.export
     if args.dtype:
@@ -220,6 +214,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.lora_rank is not None:
         export_cfg = dataclasses.replace(export_cfg, lora_rank=args.lora_rank)
     cfg = dataclasses.replace(cfg, export=export_cfg)
+    layout = RunLayout.for_stages(args.run_dir, cfg.stages)
     by_steps = {s.student_steps: i for i, s in enumerate(cfg.stages)}
     if args.stages:
         unknown = [n for n in args.stages if n not in by_steps]
@@ -227,11 +222,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
             parser.error(f"--stages {unknown}: the recipe's stages are {sorted(by_steps)} steps")
         indices = [by_steps[n] for n in args.stages]
     else:
-        indices = [i for i, s in enumerate(cfg.stages)
-                   if is_complete(args.run_dir / "stages" / stage_name(s) / "final")]
+        indices = [i for i in range(len(cfg.stages)) if is_complete(layout.stage_final(i))]
     written = []
     for index in indices:
-        final = args.run_dir / "stages" / stage_name(cfg.stages[index]) / "final"
+        final = layout.stage_final(index)
         if not is_complete(final):
             parser.error(f"{final}: no finished student for the {cfg.stages[index].student_steps}-step stage")
         written += export_stage(args.run_dir, cfg, index)

@@ -34,6 +34,12 @@ from train.files import atomic_dir, default_cache_root
 from train.text import TextEncoders, load_text_encoders
 
 STUDENT_FILE = "student.json"
+# Config dtype names → torch dtypes ("no" is runtime.mixed_precision's "off": fp32 compute).
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return TORCH_DTYPES[name]
 
 
 def cache_root(model_cfg: ModelConfig) -> Path:

@@ -21,8 +21,7 @@ from distill.conditioning import Conditioning
 from distill.losses import gan_loss, mse_loss, r1_penalty, x0_conversion_loss
 from distill.phases import PhasePlan
 from distill.schedule import NoiseSchedule, next_timestep, trailing_grid, training_input
-from distill.student import Student
-from distill.teacher import Teacher
+from train.build import PhaseModels
 from train.config import DiscriminatorConfig
 
 
@@ -89,27 +88,54 @@ class Updater:
         return ok, norm
 
 
-def mse_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, *, student: Student,
-             teacher: Teacher, schedule: NoiseSchedule, accelerator: Accelerator, update: Updater,
-             optimizer, params, poison: bool) -> StepOutcome:
+@dataclass(frozen=True)
+class StepContext:
+    """What one step needs besides the phase's models and its batch."""
+
+    accelerator: Accelerator
+    update: Updater
+    d_cfg: DiscriminatorConfig
+    step: int  # optimizer steps done in the phase (re-noising weights switch on it)
+    generator: torch.Generator  # seeded by (seed, rank, global step): all of the step's draws
+    poison: bool  # runtime.fault_nonfinite_steps: make this step's loss NaN (tests the guard)
+
+
+def train_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint, cond: Conditioning,
+               ctx: StepContext) -> StepOutcome:
+    """One optimizer step of the phase's kind (a merge phase trains nothing)."""
+    if plan.kind == "mse":
+        return mse_step(plan, models, point, cond, ctx)
+    if plan.kind == "x0_convert":
+        return x0_convert_step(plan, models, point, cond, ctx)
+    if plan.adversarial:
+        return adversarial_step(plan, models, point, cond, ctx)
+    raise ValueError(f"phase kind {plan.kind!r} has no training step")
+
+
+def _poisoned(loss: Tensor, ctx: StepContext) -> Tensor:
+    return loss * math.nan if ctx.poison else loss
+
+
+def mse_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint, cond: Conditioning,
+             ctx: StepContext) -> StepOutcome:
     """METHOD.md §3 "mse": L = mean ||x_hat − x_target||²."""
-    with accelerator.autocast():
-        target = teacher.target(point.x_t, point.t, point.t_next, cond, plan.teacher.steps)
-        x_hat = student.step(schedule, point.x_t, point.t, point.t_next, cond).x_hat
+    with ctx.accelerator.autocast():
+        target = models.teacher.target(point.x_t, point.t, point.t_next, cond, plan.teacher.steps)
+        x_hat = models.student.step(models.schedule, point.x_t, point.t, point.t_next, cond).x_hat
         loss = mse_loss(x_hat, target)
-    loss = loss * math.nan if poison else loss
-    ok, norm = update(loss, optimizer, params)
+    loss = _poisoned(loss, ctx)
+    ok, norm = ctx.update(loss, models.optimizer_g, models.params_g)
     return StepOutcome({"loss_mse": float(loss.detach()), "grad_norm": norm}, ok)
 
 
-def x0_convert_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, *, student: Student,
-                    teacher: Teacher, schedule: NoiseSchedule, accelerator: Accelerator,
-                    update: Updater, optimizer, params, poison: bool) -> StepOutcome:
+def x0_convert_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint, cond: Conditioning,
+                    ctx: StepContext) -> StepOutcome:
     """METHOD.md §3 "x0_convert": the student learns x0(x_t, eps_frozen, t) directly."""
-    with accelerator.autocast():
-        loss = x0_conversion_loss(student, teacher.unet, schedule, point.x_t, point.t, cond)
-    loss = loss * math.nan if poison else loss
-    ok, norm = update(loss, optimizer, params)
+    with ctx.accelerator.autocast():
+        loss = x0_conversion_loss(models.student, models.teacher.unet, models.schedule, point.x_t,
+                                  point.t, cond)
+    loss = _poisoned(loss, ctx)
+    ok, norm = ctx.update(loss, models.optimizer_g, models.params_g)
     return StepOutcome({"loss_x0": float(loss.detach()), "grad_norm": norm}, ok)
 
 
@@ -122,38 +148,36 @@ class Judged:
     t: Tensor
 
 
-def judged_samples(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, *, student: Student,
-                   teacher: Teacher, schedule: NoiseSchedule, d_cfg: DiscriminatorConfig, step: int,
-                   generator: torch.Generator, accelerator: Accelerator) -> tuple[Judged, Tensor, Tensor]:
+def judged_samples(plan: PhasePlan, models: PhaseModels, point: TrainingPoint, cond: Conditioning,
+                   ctx: StepContext) -> tuple[Judged, Tensor, Tensor]:
     """Real = the teacher's x_target, fake = the student's x_hat (METHOD.md §3); dataset
     images never play "real". With re-noising (1- and 2-step stages), both are taken as x0
     estimates — the x0 of the (x0, eps) pair that produced each end point — and noised to
     one shared t* with one shared noise, weights switching after `renoise_switch_step`."""
-    with accelerator.autocast():
-        walk = teacher.walk(point.x_t, point.t, point.t_next, cond, plan.teacher.steps)
-        moved = student.step(schedule, point.x_t, point.t, point.t_next, cond)
+    d_cfg = ctx.d_cfg
+    with ctx.accelerator.autocast():
+        walk = models.teacher.walk(point.x_t, point.t, point.t_next, cond, plan.teacher.steps)
+        moved = models.student.step(models.schedule, point.x_t, point.t, point.t_next, cond)
     if not plan.renoise:
         return Judged(walk.x, moved.x_hat, point.t_next), moved.x_hat, walk.x
-    weights = d_cfg.renoise_weights if step < d_cfg.renoise_switch_step else d_cfg.renoise_late_weights
-    noised = renoise(schedule, walk.x0.to(moved.pred.x0.dtype), moved.pred.x0,
-                     d_cfg.renoise_timesteps, weights, generator)
+    weights = d_cfg.renoise_weights if ctx.step < d_cfg.renoise_switch_step else d_cfg.renoise_late_weights
+    noised = renoise(models.schedule, walk.x0.to(moved.pred.x0.dtype), moved.pred.x0,
+                     d_cfg.renoise_timesteps, weights, ctx.generator)
     return Judged(noised.real, noised.fake, noised.t), moved.x_hat, walk.x
 
 
-def adversarial_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, *, student: Student,
-                     teacher: Teacher, discriminator, schedule: NoiseSchedule, d_cfg: DiscriminatorConfig,
-                     accelerator: Accelerator, update: Updater, optimizer_g, params_g, optimizer_d,
-                     params_d, step: int, generator: torch.Generator, poison: bool) -> StepOutcome:
+def adversarial_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint, cond: Conditioning,
+                     ctx: StepContext) -> StepOutcome:
     """Alternating D then G updates (default 1:1), METHOD.md §3.
 
     D step: the DDP-wrapped discriminator on [real; fake.detach()] in ONE forward.
     G step: the unwrapped discriminator with its parameters frozen (pitfall 6: no DDP
     "marked ready twice", no gradients into D), gradients flowing through it to the student.
     """
+    accelerator, d_cfg, losses = ctx.accelerator, ctx.d_cfg, gan_loss(ctx.d_cfg.loss)
+    discriminator = models.discriminator
     d_raw: Discriminator = accelerator.unwrap_model(discriminator)
-    judged, x_hat, x_target = judged_samples(plan, point, cond, student=student, teacher=teacher,
-                                   schedule=schedule, d_cfg=d_cfg, step=step, generator=generator,
-                                   accelerator=accelerator)
+    judged, x_hat, x_target = judged_samples(plan, models, point, cond, ctx)
     context = None
     if plan.conditional:
         # x_t's features are the same for real and fake: computed once per step. Without a
@@ -170,11 +194,11 @@ def adversarial_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, 
             logits = discriminator(both, torch.cat([judged.t, judged.t]), cond.cat(cond),
                                    _twice(context))
             real_logits, fake_logits = logits.float().chunk(2)
-            d_loss = gan_loss(d_cfg.loss).d_loss(real_logits, fake_logits)
+            d_loss = losses.d_loss(real_logits, fake_logits)
             loss_d = d_loss.loss
             if d_cfg.r1_weight > 0:
                 loss_d = loss_d + d_cfg.r1_weight / 2 * r1_penalty(real_logits, both)
-        ok_d, _ = update(loss_d, optimizer_d, params_d)
+        ok_d, _ = ctx.update(loss_d, models.optimizer_d, models.params_d)
         metrics.update(loss_d=float(loss_d.detach()), d_acc_real=float(d_loss.real_accuracy),
                        d_acc_fake=float(d_loss.fake_accuracy), d_ok=float(ok_d))
     if plan.conditional and d_cfg.backbone_trainable:
@@ -184,11 +208,11 @@ def adversarial_step(plan: PhasePlan, point: TrainingPoint, cond: Conditioning, 
     try:
         with accelerator.autocast():
             fake_logits = d_raw(judged.fake, judged.t, cond, context).float()
-            loss_g = gan_loss(d_cfg.loss).g_loss(fake_logits)
+            loss_g = losses.g_loss(fake_logits)
             if d_cfg.mse_weight > 0:  # optional MSE mixed in (METHOD.md §3; paper: 0)
                 loss_g = loss_g + d_cfg.mse_weight * mse_loss(x_hat, x_target)
-        loss_g = loss_g * math.nan if poison else loss_g
-        ok, norm = update(loss_g, optimizer_g, params_g)
+        loss_g = _poisoned(loss_g, ctx)
+        ok, norm = ctx.update(loss_g, models.optimizer_g, models.params_g)
     finally:
         d_raw.requires_grad_(True)
     metrics.update(loss_g=float(loss_g.detach()), grad_norm=norm)

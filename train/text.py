@@ -142,3 +142,13 @@ def encode_image_batch(encoders: TextEncoders, vae: AutoencoderKL, batch: ImageB
     cond = encoders.conditioning(batch.captions, batch.time_ids)
     return LatentBatch(latents, cond, batch.captions, batch.keys, batch.worker,
                        batch.skip_counts)
+
+
+def batch_to_latents(batch: ImageBatch | LatentBatch, vae: AutoencoderKL, encoders: TextEncoders, *,
+                     vae_dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Conditioning]:
+    """(x0 latents, conditioning) on `device` from an image or a precomputed latent batch."""
+    if isinstance(batch, LatentBatch):
+        return batch.latents.to(device), batch.cond.to(device)
+    latents = encode_images(vae, batch.pixels, dtype=vae_dtype)
+    cond = encoders.conditioning(batch.captions, batch.time_ids).to(device)
+    return latents.to(device), cond

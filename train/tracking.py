@@ -1,8 +1,9 @@
 """Where a run reports: metrics.jsonl (always), wandb (optional), validation images to both.
 
 wandb honours WANDB_MODE (offline works with no network, pitfall 8); the run id is kept in
-`<output_dir>/wandb_id.txt` so a resumed run continues the same wandb run. Only the main
-process writes.
+the run directory (`RunLayout.wandb_id_file`) so a resumed run continues the same wandb run.
+Only the main process writes. wandb is imported only when enabled: it is an optional, heavy
+import (a second of start-up) most runs without `logging.wandb` never need.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ import uuid
 from pathlib import Path
 
 from train.config import LoggingConfig
+from train.files import write_text_atomic
+from train.layout import RunLayout
 
 log = logging.getLogger("train")
 
 
 class Tracker:
-    def __init__(self, output_dir: Path, cfg: LoggingConfig, run_config: dict, is_main: bool):
-        self.output_dir = output_dir
+    def __init__(self, layout: RunLayout, cfg: LoggingConfig, run_config: dict, is_main: bool):
+        self.layout = layout
         self.is_main = is_main
-        self.metrics_path = output_dir / "metrics.jsonl"
+        self.metrics_path = layout.metrics_file
         self.wandb_run = None
         if is_main and cfg.wandb:
-            self.wandb_run = _init_wandb(output_dir, cfg.wandb_project, run_config)
+            self.wandb_run = _init_wandb(layout, cfg.wandb_project, run_config)
 
     def log(self, row: dict) -> None:
         if not self.is_main:
@@ -53,18 +56,19 @@ class Tracker:
             self.wandb_run = None
 
 
-def _init_wandb(output_dir: Path, project: str, run_config: dict):
+def _init_wandb(layout: RunLayout, project: str, run_config: dict):
     import wandb
 
-    id_file = output_dir / "wandb_id.txt"
+    id_file = layout.wandb_id_file
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-    id_file.write_text(run_id)
-    return wandb.init(project=project, id=run_id, resume="allow", dir=str(output_dir),
-                      name=output_dir.name, config=run_config)
+    write_text_atomic(id_file, run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", dir=str(layout.root),
+                      name=layout.root.name, config=run_config)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
+    """The rows of a run's metrics.jsonl, in order ([] before the first)."""
+    path = RunLayout(Path(output_dir), ()).metrics_file
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -8,7 +8,7 @@ import torch
 from distill.phases import PhaseConfig, StageConfig, expand_recipe
 from distill.schedule import NoiseSchedule, trailing_grid
 from distill.testing import SDXL_SCHEDULER
-from train.loop import EMA, lr_factor
+from train.build import EMA, lr_factor
 from train.steps import draw_point
 
 

@@ -1,0 +1,188 @@
+"""Everything one phase trains with, built in one place: student, teacher, discriminator,
+optimizers, learning rates and EMA (METHOD.md §2, §4, §5).
+
+The student's forms move here from phase to phase: a phase starts from the base (stage 0),
+the previous stage's final or the previous phase's final (`RunLayout.student_start`); a LoRA
+phase adds an adapter if the start has none, a full phase folds any adapter in, and the
+x0-conversion phase reinterprets the epsilon student as an x0 one (`switch_to_x0`). The
+frozen teacher is the student's own UNet with its adapter disabled when that is exactly the
+teacher's weights (METHOD.md §5: no second copy), else a frozen copy in the compute dtype.
+`train/steps.py` takes the returned `PhaseModels`; `train/loop.py` only orders things.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from discriminator.model import Discriminator
+from distill.lora import add_lora, has_lora
+from distill.phases import PhasePlan
+from distill.schedule import NoiseSchedule
+from distill.student import Student, switch_to_x0, trainable_parameters
+from distill.teacher import Teacher
+from train.config import Config, DiscriminatorConfig, OptimConfig
+from train.layout import RunLayout
+from train.models import BaseModel, load_student, read_student, torch_dtype
+from train.text import latent_size
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    student: float
+    discriminator: float
+
+
+def learning_rates(optim: OptimConfig, plan: PhasePlan) -> LearningRates:
+    """The phase's own LR, else the paper's defaults by kind and form (METHOD.md §4)."""
+    if plan.lr is not None:
+        lr = plan.lr
+    elif plan.adversarial:
+        lr = optim.lr_adv_lora if plan.form == "lora" else optim.lr_adv_full
+    else:
+        lr = optim.lr_mse
+    return LearningRates(lr, plan.discriminator_lr or optim.discriminator_lr or lr)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """LR multiplier derived from the step counter alone (no scheduler state to resume)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "cosine" and total > warmup:
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    return 1.0
+
+
+class EMA:
+    """Exponential moving average of the trainable student parameters (checkpointed)."""
+
+    def __init__(self, params, decay: float):
+        self.decay = decay
+        self.params = list(params)
+        self.shadow = [p.detach().clone().float() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s.to(p.dtype))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params)]
+
+
+@dataclass
+class PhaseModels:
+    """What a phase's steps use. `student.unet`, `discriminator` and the optimizers are the
+    accelerate-prepared objects (DDP-wrapped under several processes)."""
+
+    student: Student
+    teacher: Teacher
+    schedule: NoiseSchedule
+    optimizer_g: torch.optim.Optimizer
+    params_g: list
+    lr: LearningRates
+    discriminator: Discriminator | None = None
+    optimizer_d: torch.optim.Optimizer | None = None
+    params_d: list | None = None
+    ema: EMA | None = None
+
+    def set_lr_factor(self, factor: float) -> None:
+        for group in self.optimizer_g.param_groups:
+            group["lr"] = self.lr.student * factor
+        if self.optimizer_d is not None:
+            for group in self.optimizer_d.param_groups:
+                group["lr"] = self.lr.discriminator * factor
+
+
+# ----------------------------------------------------------------------------- students & teachers
+
+
+def build_student(cfg: Config, plan: PhasePlan, start: Path | None, base: BaseModel) -> Student:
+    """The phase's student in its form, from `start` (None: the base model)."""
+    if start is None:
+        unet, prediction_type = copy.deepcopy(base.unet), base.prediction_type
+    else:
+        unet, prediction_type = load_student(start, base, fold_lora=plan.form == "full")
+    if plan.form == "lora" and not has_lora(unet):
+        add_lora(unet, cfg.student.lora_rank, cfg.student.lora_alpha)
+    if plan.form == "full":
+        unet.requires_grad_(True)
+    if cfg.student.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    student = Student(unet, prediction_type)
+    if plan.prediction_type == "sample" and prediction_type != "sample":
+        student = switch_to_x0(student)  # the x0-conversion phase (METHOD.md §3)
+    return student
+
+
+def build_teacher(plan: PhasePlan, layout: RunLayout, base: BaseModel, student_unet,
+                  dtype: torch.dtype) -> Teacher:
+    """The frozen teacher. When the student is a fresh LoRA on exactly the teacher's weights,
+    the teacher is the student's own UNet with the adapter disabled (METHOD.md §5): no copy."""
+    source = layout.teacher_source(plan)
+    stage_start = None if plan.stage == 0 else layout.stage_final(plan.stage - 1)
+    plain_source = source is None or read_student(source).lora_rank == 0
+    if plan.form == "lora" and source == stage_start and plain_source:
+        return Teacher(student_unet, base.schedule, plan.teacher.prediction_type,
+                       plan.teacher.guidance_scale, disable_adapter=True)
+    if source is None:
+        unet = base.unet if dtype == torch.float32 else copy.deepcopy(base.unet).to(dtype)
+    else:
+        unet, _ = load_student(source, base, fold_lora=True)
+        unet = unet.to(dtype)
+    unet.requires_grad_(False).eval()
+    return Teacher(unet, base.schedule, plan.teacher.prediction_type, plan.teacher.guidance_scale)
+
+
+def build_discriminator(d_cfg: DiscriminatorConfig, plan: PhasePlan, base: BaseModel,
+                        resolution: int) -> Discriminator:
+    """A fresh discriminator on the base UNet's encoder (METHOD.md §4)."""
+    return Discriminator(base.unet, conditional=plan.conditional, bucket_edges=d_cfg.bucket_edges,
+                         multiscale=d_cfg.multiscale, backbone_trainable=d_cfg.backbone_trainable,
+                         head_channels=d_cfg.head_channels or None,
+                         latent_size=latent_size(base.vae, resolution),
+                         share_weights=not d_cfg.backbone_trainable)
+
+
+# ----------------------------------------------------------------------------- one phase
+
+
+def build_phase_models(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], layout: RunLayout,
+                       base: BaseModel, accelerator: Accelerator) -> PhaseModels:
+    """Student, teacher, (adversarial phases) a fresh discriminator, their optimizers and EMA,
+    prepared by accelerate. Registers the EMA for checkpointing."""
+    # Fresh LoRA factors and discriminator heads draw from the global RNG: the caller seeds it
+    # per phase, and the draws happen in this order (student, then discriminator) on every rank.
+    student = build_student(cfg, plan, layout.student_start(plan, plans), base)
+    teacher = build_teacher(plan, layout, base, student.unet, torch_dtype(cfg.runtime.mixed_precision))
+    lr = learning_rates(cfg.optim, plan)
+    betas = tuple(cfg.optim.betas_adv if plan.adversarial else cfg.optim.betas_mse)
+    params_g = trainable_parameters(student.unet)
+    opt_g = torch.optim.AdamW(params_g, lr=lr.student, betas=betas, weight_decay=cfg.optim.weight_decay)
+    unet, opt_g = accelerator.prepare(student.unet, opt_g)
+    models = PhaseModels(Student(unet, student.prediction_type), teacher, base.schedule, opt_g,
+                         params_g, lr)
+    if plan.adversarial:
+        disc = build_discriminator(cfg.discriminator, plan, base, cfg.data.resolution)
+        models.params_d = disc.trainable_parameters()
+        opt_d = torch.optim.AdamW(models.params_d, lr=lr.discriminator,
+                                  betas=tuple(cfg.optim.betas_adv), weight_decay=0.0)
+        models.discriminator, models.optimizer_d = accelerator.prepare(disc, opt_d)
+    if cfg.student.ema_decay > 0:
+        models.ema = EMA(params_g, cfg.student.ema_decay)
+        accelerator.register_for_checkpointing(models.ema)
+    return models
