@@ -22,6 +22,20 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+OPT_IN_MARKS = ("slow", "gpu")  # run only when the -m expression names them
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip slow and gpu tests unless `-m` mentions them. (An `-m` in addopts would be replaced
+    by the user's own `-m "not e2e"`, and the slow tests would run in the fast command.)"""
+    expression = config.getoption("markexpr") or ""
+    for mark in OPT_IN_MARKS:
+        if mark in expression:
+            continue
+        skip = pytest.mark.skip(reason=f"{mark} test: run with -m {mark}")
+        for item in items:
+            if mark in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

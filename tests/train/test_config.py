@@ -66,6 +66,7 @@ def test_missing_file():
         load_config("nope.yaml")
 
 
+@pytest.mark.e2e
 def test_cli_dry_run_prints_resolved_config_and_recipe():
     result = subprocess.run([sys.executable, "-m", "train", "configs/tiny.yaml", "--dry-run",
                              "optim.lr_mse=0.001"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -74,6 +75,7 @@ def test_cli_dry_run_prints_resolved_config_and_recipe():
     assert "stages/1step/0_x0_convert" in result.stdout
 
 
+@pytest.mark.e2e
 def test_cli_bad_key_exits_2_before_loading_models():
     result = subprocess.run([sys.executable, "-m", "train", "configs/tiny.yaml", "optim.lrr=1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 
 from train.tracking import read_metrics
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["32step", "8step", "4step", "2step", "1step"]
 

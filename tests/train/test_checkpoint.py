@@ -1,0 +1,79 @@
+"""train/checkpoint.py in one process: checkpoints are published complete (temp folder, then
+rename), pruned to keep_last, found newest-first ignoring torn ones, and restore the state."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from train.checkpoint import (
+    COUNTERS_FILE,
+    Counters,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_checkpoints,
+    save_checkpoint,
+)
+
+
+@pytest.fixture()
+def trained(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer, tmp_path / "stages/8step/0_mse"
+
+
+def _train_one_step(model, optimizer):
+    model(torch.ones(4, 3)).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_save_publishes_a_complete_folder_and_prunes(trained):
+    accelerator, model, optimizer, phase_dir = trained
+    for step in (2, 4, 6):
+        _train_one_step(model, optimizer)
+        path = save_checkpoint(accelerator, phase_dir, Counters(3, step, 1, 2), keep_last=2)
+        assert path == phase_dir / f"checkpoint-{step}"
+        assert json.loads((path / COUNTERS_FILE).read_text())["step"] == step
+    assert [s for s, _ in complete_checkpoints(phase_dir)] == [4, 6]
+    assert not list(phase_dir.glob("*.tmp"))
+
+
+def test_latest_ignores_torn_and_temporary_folders(trained):
+    accelerator, model, optimizer, phase_dir = trained
+    save_checkpoint(accelerator, phase_dir, Counters(0, 2, 0, 0), keep_last=3)
+    (phase_dir / "checkpoint-9").mkdir()  # no counters.json: torn
+    (phase_dir / "checkpoint-8.tmp").mkdir()
+    (phase_dir / "checkpoint-8.tmp" / COUNTERS_FILE).write_text("{}")
+    assert latest_checkpoint(phase_dir) == phase_dir / "checkpoint-2"
+    assert latest_checkpoint(phase_dir / "missing") is None
+
+
+def test_load_restores_weights_optimizer_and_counters(trained):
+    accelerator, model, optimizer, phase_dir = trained
+    _train_one_step(model, optimizer)
+    saved = save_checkpoint(accelerator, phase_dir, Counters(1, 5, 0, 3), keep_last=1)
+    weights = [p.detach().clone() for p in model.parameters()]
+    _train_one_step(model, optimizer)
+    assert not torch.equal(weights[0], next(model.parameters()).detach())
+    counters = load_checkpoint(accelerator, saved)
+    assert counters == Counters(1, 5, 0, 3)
+    assert all(torch.equal(w, p.detach()) for w, p in zip(weights, model.parameters()))
+    assert optimizer.state_dict()["state"][0]["step"] == 1  # Adam's state came back too
+
+
+def test_remove_drops_checkpoints_and_leftovers(trained):
+    accelerator, model, optimizer, phase_dir = trained
+    save_checkpoint(accelerator, phase_dir, Counters(0, 2, 0, 0), keep_last=3)
+    (phase_dir / "checkpoint-4.tmp").mkdir()
+    (phase_dir / "final").mkdir()
+    remove_checkpoints(phase_dir)
+    assert sorted(p.name for p in phase_dir.iterdir()) == ["final"]
