@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from distill.phases import expand_recipe
 from train.config import ConfigError, config_to_yaml, load_config
 
 
@@ -34,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from distill.phases import expand_recipe
-
         print(config_to_yaml(cfg))
         print("# recipe")
         for plan in expand_recipe(cfg.stages):
@@ -44,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"steps={plan.steps:<6d} teacher={teacher} ({plan.teacher.steps}-step grid, "
                   f"cfg {plan.teacher.guidance_scale:g}) prediction={plan.prediction_type}")
         return 0
-    from train.loop import run  # imports torch/diffusers: only after the config is known good
+    # Optional heavy import (diffusers, transformers, accelerate: seconds): only once the config
+    # is known good, so config errors and --dry-run answer at once.
+    from train.loop import run
 
     run(cfg)
     return 0
