@@ -54,11 +54,15 @@ class Conditioning:
         )
 
     def to(self, device=None, dtype=None) -> Conditioning:
-        """Move to a device; only the float embeddings change dtype (time_ids are pixel sizes)."""
+        """Move to a device; only the embeddings change dtype. time_ids are pixel sizes and stay
+        float32 (ARCHITECTURE.md pitfall 11): bf16 keeps 8 mantissa bits, so 1365 would become
+        1368 and crop 301 become 300, and SDXL's sinusoidal `add_time_proj` would embed another
+        image size. diffusers computes that sinusoid in fp32 and casts its output to the UNet's
+        dtype itself."""
         return Conditioning(
             self.prompt_embeds.to(device=device, dtype=dtype),
             self.pooled_embeds.to(device=device, dtype=dtype),
-            self.time_ids.to(device=device, dtype=dtype),
+            self.time_ids.to(device=device, dtype=torch.float32),
         )
 
     def index(self, idx) -> Conditioning:

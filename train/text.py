@@ -33,8 +33,10 @@ class TextEmbeddings:
     pooled_embeds: Tensor
 
     def with_time_ids(self, time_ids: Tensor) -> Conditioning:
+        """The embeddings plus micro-conditioning; time_ids stay float32 whatever the text
+        encoders' dtype (pitfall 11: bf16 would round 1365 px to 1368)."""
         return Conditioning(self.prompt_embeds, self.pooled_embeds,
-                            time_ids.to(self.prompt_embeds.device, self.prompt_embeds.dtype))
+                            time_ids.to(self.prompt_embeds.device, torch.float32))
 
 
 @dataclass

@@ -226,3 +226,21 @@ def test_adapter_is_enabled_again_when_the_forward_fails():
     with pytest.raises(RuntimeError):
         Teacher(unet, SCHEDULE, disable_adapter=True).predict(x, t, bad.index(slice(0, 3)))
     torch.testing.assert_close(raw(unet, x, t, cond), with_lora, rtol=0, atol=0)
+
+
+def test_bf16_teacher_embeds_the_exact_micro_conditioning():
+    """Pitfall 11: a bf16 teacher must see time_ids 1365 / 301, not bf16's 1368 / 300."""
+    unet = tiny_unet(seed=0).to(torch.bfloat16)
+    seen = []
+    hook = unet.add_time_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    cond = random_conditioning(2, seed=0)
+    exact = torch.tensor([[1365.0, 1024.0, 301.0, 0.0, 1024.0, 1024.0]]).repeat(2, 1)
+    cond = type(cond)(cond.prompt_embeds, cond.pooled_embeds, exact)
+    assert torch.equal(cond.to(dtype=torch.bfloat16).time_ids, exact)
+    for scale in (0.0, 3.0):  # the plain forward and the batched CFG forward
+        Teacher(unet, SCHEDULE, guidance_scale=scale).predict(latents(2), 999, cond)
+    hook.remove()
+    assert len(seen) == 2
+    for time_ids in seen:
+        assert time_ids.dtype == torch.float32
+        assert set(time_ids.flatten().tolist()) == {1365.0, 1024.0, 301.0, 0.0}

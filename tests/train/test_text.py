@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from train.data import image_loader_single_pass, latent_loader
 from train.digits_data import ensure_digits_shards
 from train.digits_model import ensure_digits_model
-from train.text import encode_images, load_text_encoders
+from train.text import TextEmbeddings, encode_images, load_text_encoders
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import precompute_latents  # noqa: E402
@@ -133,3 +133,12 @@ def test_precompute_script_round_trips_latents_and_embeddings(tmp_path, model_di
             assert lb.cond.time_ids[j].tolist() == [32, 32, 0, 0, 32, 32]
             assert lb.captions[j] == batch.captions[i]
     assert seen == batch.keys  # every sample once, in the source order
+
+
+def test_time_ids_stay_float32_beside_bf16_embeddings():
+    """Pitfall 11: bf16 text encoders must not round 1365 px to 1368."""
+    embeddings = TextEmbeddings(torch.zeros(1, 3, 4, dtype=torch.bfloat16),
+                                torch.zeros(1, 4, dtype=torch.bfloat16))
+    exact = torch.tensor([[1365.0, 1024.0, 301.0, 0.0, 1024.0, 1024.0]])
+    cond = embeddings.with_time_ids(exact)
+    assert cond.time_ids.dtype == torch.float32 and torch.equal(cond.time_ids, exact)
