@@ -76,11 +76,14 @@ class EMA:
         for s, p in zip(self.shadow, self.params):
             p.copy_(s.to(p.dtype))
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The shadow as named tensors (saved in the checkpoint's extra state)."""
+        return {f"ema.shadow.{i}": s for i, s in enumerate(self.shadow)}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params)]
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if len(state) != len(self.params):
+            raise ValueError(f"EMA state holds {len(state)} tensors for {len(self.params)} parameters")
+        self.shadow = [state[f"ema.shadow.{i}"].to(p.device) for i, p in enumerate(self.params)]
 
 
 @dataclass
@@ -164,7 +167,7 @@ def build_discriminator(d_cfg: DiscriminatorConfig, plan: PhasePlan, base: BaseM
 def build_phase_models(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], layout: RunLayout,
                        base: BaseModel, accelerator: Accelerator) -> PhaseModels:
     """Student, teacher, (adversarial phases) a fresh discriminator, their optimizers and EMA,
-    prepared by accelerate. Registers the EMA for checkpointing."""
+    prepared by accelerate."""
     # Fresh LoRA factors and discriminator heads draw from the global RNG: the caller seeds it
     # per phase, and the draws happen in this order (student, then discriminator) on every rank.
     student = build_student(cfg, plan, layout.student_start(plan, plans), base)
@@ -184,5 +187,4 @@ def build_phase_models(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], lay
         models.discriminator, models.optimizer_d = accelerator.prepare(disc, opt_d)
     if cfg.student.ema_decay > 0:
         models.ema = EMA(params_g, cfg.student.ema_decay)
-        accelerator.register_for_checkpointing(models.ema)
     return models

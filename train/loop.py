@@ -31,6 +31,7 @@ from train.checkpoint import (
     Counters,
     latest_checkpoint,
     load_checkpoint,
+    read_extra_state,
     remove_checkpoints,
     save_checkpoint,
 )
@@ -138,16 +139,18 @@ def _train_phase(ctx: _Run, plan: PhasePlan) -> None:
     # phase index so every rank and every (re)start of this phase initialises identically.
     torch.manual_seed(stream_seed(ctx.cfg.seed, "phase-init", plan.index))
     models = build_phase_models(ctx.cfg, plan, ctx.plans, ctx.layout, ctx.base, ctx.accelerator)
-    counters = _resume(ctx, plan)
+    counters = _resume(ctx, plan, models)
     _step_loop(ctx, plan, models, counters)
     _publish_phase_final(ctx, plan, models)
 
 
-def _resume(ctx: _Run, plan: PhasePlan) -> Counters:
+def _resume(ctx: _Run, plan: PhasePlan, models: PhaseModels) -> Counters:
     ckpt = latest_checkpoint(ctx.layout.phase_dir(plan))
     if ckpt is None:
         return Counters(plan.index, 0, 0, 0)
     counters = load_checkpoint(ctx.accelerator, ckpt)
+    if models.ema is not None:
+        models.ema.load_state_dict(read_extra_state(ckpt))
     log.info("resumed %s/%s at step %d from %s", plan.stage_name, plan.name, counters.step, ckpt)
     return counters
 
@@ -208,7 +211,8 @@ def _step_loop(ctx: _Run, plan: PhasePlan, models: PhaseModels, counters: Counte
             acc.wait_for_everyone()
         if step % cfg.checkpoint.every_steps == 0 and step < plan.steps:
             save_checkpoint(acc, ctx.layout.phase_dir(plan), Counters(plan.index, step, in_row, skipped),
-                            cfg.checkpoint.keep_last)
+                            cfg.checkpoint.keep_last,
+                            extra=models.ema.state_dict() if models.ema is not None else None)
             loader = _open_stream(ctx, phase_begin + step)  # see training_stream
             stream = iter(loader)
     bar.close()

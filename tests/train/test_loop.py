@@ -111,9 +111,12 @@ def test_rerun_of_finished_run_redoes_nothing(tiny_run, digits_cache):
     assert not [r for r in read_metrics(tiny_run)[rows_before:] if "step_ok" in r]
 
 
-def test_resume_after_kill_matches_uninterrupted_run(digits_cache, tmp_path):
+@pytest.mark.parametrize("ema_decay", ["0.0", "0.9"], ids=["no_ema", "ema"])
+def test_resume_after_kill_matches_uninterrupted_run(digits_cache, tmp_path, ema_decay):
+    """Killed inside the run's second phase; with an EMA the resumed phase must restore its
+    shadow (and find as much saved state as it registers: #10's stale-EMA bug)."""
     config = _short_config(tmp_path)
-    overrides = ("checkpoint.every_steps=2", "checkpoint.keep_last=2")
+    overrides = ("checkpoint.every_steps=2", "checkpoint.keep_last=2", f"student.ema_decay={ema_decay}")
     straight = tmp_path / "straight"
     result = _run(_train_cmd(config, straight, digits_cache, *overrides))
     assert result.returncode == 0, result.stderr[-3000:]
