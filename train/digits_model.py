@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from distill.schedule import SDXL_SCHEDULER_CONFIG
 from train.digits_text import build_text_encoders, write_tokenizer
 from train.files import build_once, default_cache_root
 
@@ -45,9 +46,6 @@ RESOLUTION = 32  # pixels; the VAE downsamples by 4 to 8×8 latents
 TIME_IDS = (RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION)  # SDXL micro-cond, height first
 MODEL_VERSION = 1  # bump when the builder changes, so caches rebuild
 INFO_FILE = "digits_model.json"
-# SDXL's noise schedule (stabilityai/stable-diffusion-xl-base-1.0 scheduler config).
-SDXL_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                     beta_schedule="scaled_linear")
 
 
 def prompt_for(digit: int) -> str:
@@ -249,7 +247,7 @@ def train_unet(unet, spec: DigitsModelSpec, latent_mean: torch.Tensor, latent_st
     """
     from diffusers import DDPMScheduler
 
-    abar = DDPMScheduler(**SDXL_SCHEDULE).alphas_cumprod
+    abar = DDPMScheduler(**SDXL_SCHEDULER_CONFIG).alphas_cumprod
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.unet_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.unet_lr, total_steps=spec.unet_steps,
@@ -346,7 +344,7 @@ def build_digits_model(out_dir: str | os.PathLike, size: str = "full", seed: int
         tokenizer, spec.text_hidden, spec.text_layers, spec.projection_dim, seed)
     trained = train_vae(spec, images[train_idx], images[torch.from_numpy(split.eval)], seed)
     unet = build_unet(spec, 2 * spec.text_hidden, seed)
-    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULE, prediction_type="epsilon",
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG, prediction_type="epsilon",
                                        timestep_spacing="trailing")
     pipe = StableDiffusionXLPipeline(trained.vae, text_encoder, text_encoder_2, tokenizer,
                                      tokenizer_2, unet, scheduler,
