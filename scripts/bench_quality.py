@@ -176,8 +176,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from train.digits_model import read_model_info
-    from train.evaluate import ensure_digits_classifier, held_out_images, load_pipeline
-    from train.generate import load_export_pipeline
+    from train.evaluate import ensure_digits_classifier, held_out_images
+    from train.export import read_export_info
+    from train.pipeline import load_pipeline
 
     base_cfg = load_config(args.config, args.override)
     runs = {name: train_variant(name, VARIANTS[name](base_cfg), Path(args.runs_root)) for name in args.variants}
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
             if not path.is_file():
                 print(f"[bench] {name}: no export {path.name}; row skipped", flush=True)
                 continue
-            pipe, info = load_export_pipeline(base_dir, path)
+            pipe, info = load_pipeline(base_dir, path), read_export_info(path)
             rows.append(evaluate_row(name, pipe, info.num_inference_steps, 0.0, args.per_digit, classifier,
                                      real, grid_images, args.seed))
 

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from train.digits_model import digits_images, digits_split, prompt_for
 from train.files import atomic_file, default_cache_root
+from train.pipeline import load_pipeline
+from train.validation import save_grid
 
 CLASSIFIER_VERSION = 2  # bump when the classifier changes, so caches retrain
 
@@ -207,34 +209,13 @@ def evaluate_pipeline(pipe, num_steps: int, per_digit: int = 20, guidance_scale:
     return score_digits(rendered, num_steps, guidance_scale, classifier, real)
 
 
-def save_grid(images: Tensor, path: str | os.PathLike, columns: int) -> None:
-    """Save images (digit-major) as a PNG grid with `columns` per row, 1 px gutters."""
-    from train.validation import save_grid as tile
-
-    tile(images, path, columns, gutter=1)
-
-
-def load_pipeline(model_dir: str | os.PathLike, unet_file: str | None = None,
-                  prediction_type: str = "epsilon"):
-    """The model folder as an SDXL pipeline with trailing Euler; optionally an exported UNet
-    state dict (METHOD.md §6 user code) loaded over the base UNet."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
-    if unet_file is not None:
-        from safetensors.torch import load_file
-
-        pipe.unet.load_state_dict({k: v.float() for k, v in load_file(unet_file).items()})
-    pipe.scheduler = EulerDiscreteScheduler.from_config(
-        pipe.scheduler.config, timestep_spacing="trailing", prediction_type=prediction_type)
-    return pipe
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="diffusers SDXL folder (the digits model)")
-    p.add_argument("--unet", default=None, help="optional exported UNet .safetensors to load")
-    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "sample"])
+    p.add_argument("--export", "--unet", default=None,
+                   help="optional train.export .safetensors (UNet or LoRA) applied to the model")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "sample", "v_prediction"],
+                   help="default: the export's (its metadata), else the model's scheduler's")
     p.add_argument("--steps", type=int, nargs="+", default=[32, 8, 4, 2, 1])
     p.add_argument("--per-digit", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None,
@@ -250,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
 
         info_file = Path(args.model) / "digits_model.json"
         guidance = read_model_info(args.model)["guidance_scale"] if info_file.exists() else 0.0
-    pipe = load_pipeline(args.model, args.unet, args.prediction_type)
+    pipe = load_pipeline(args.model, args.export, prediction_type=args.prediction_type)
     classifier = ensure_digits_classifier(args.cache_root)
     real, real_labels = held_out_images()
     data, split = digits_images(), digits_split()
@@ -265,8 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.grid:  # 10 rows (digits) × up to 10 columns of the images just scored
             cols = min(args.per_digit, 10)
             keep = torch.arange(len(rendered.images)) % args.per_digit < cols
-            save_grid(rendered.images[keep], args.grid.format(steps=steps), columns=cols)
-    print(f"\nmodel: {args.model}  unet: {args.unet or 'base'}  per digit: {args.per_digit}  "
+            save_grid(rendered.images[keep], args.grid.format(steps=steps), columns=cols, gutter=1)
+    print(f"\nmodel: {args.model}  export: {args.export or 'none'}  per digit: {args.per_digit}  "
           f"seed: {args.seed}\n")
     print("| steps | guidance | FD ↓ | accuracy ↑ |\n|---|---|---|---|")
     print("\n".join(rows))

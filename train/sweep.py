@@ -374,12 +374,13 @@ def _evaluate_export(cfg: Config, export: Path, per_digit: int) -> dict[str, flo
     from transformers.utils import logging as transformers_logging
 
     from train.evaluate import evaluate_pipeline
-    from train.generate import load_export_pipeline
+    from train.export import read_export_info
     from train.models import cache_root, resolve_base
+    from train.pipeline import load_pipeline
 
     diffusers_logging.disable_progress_bar()  # per-component loading bars, for every export
     transformers_logging.disable_progress_bar()
-    pipe, info = load_export_pipeline(resolve_base(cfg.model), export)
+    pipe, info = load_pipeline(resolve_base(cfg.model), export), read_export_info(export)
     # Guidance off: distilled students are sampled without CFG (METHOD.md §6).
     result = evaluate_pipeline(pipe, info.num_inference_steps, per_digit, guidance_scale=0.0,
                                cache_root=cache_root(cfg.model))

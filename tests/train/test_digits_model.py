@@ -119,7 +119,8 @@ def test_unknown_size_fails_naming_the_choices(tmp_path):
 def test_full_model_renders_the_prompted_digit():
     """The default teacher (built into the default cache if missing, ~10 min on 2 cores):
     32 trailing Euler steps with its stored CFG scale read as the prompted digit ≥ 90 %."""
-    from train.evaluate import evaluate_pipeline, load_pipeline
+    from train.evaluate import evaluate_pipeline
+    from train.pipeline import load_pipeline
 
     path = ensure_digits_model(size="full")
     info = json.loads((path / INFO_FILE).read_text())
