@@ -52,6 +52,7 @@ from distill.lora import (
 )
 from distill.phases import stage_name
 from train.config import Config, load_config
+from train.embedded import resolve_base
 from train.files import atomic_file
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,6 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
 
 def _load_base_unet(cfg: Config):
     from diffusers import UNet2DConditionModel
-
-    from train.models import resolve_base
 
     return UNet2DConditionModel.from_pretrained(resolve_base(cfg.model), subfolder="unet",
                                                 torch_dtype=torch.float32)

@@ -21,8 +21,8 @@ from PIL import Image
 from torch import Tensor
 
 from train.config import ModelConfig
+from train.embedded import resolve_base
 from train.export import LORA_FORMAT, ExportInfo, read_export_info
-from train.models import resolve_base
 from train.pipeline import load_pipeline
 from train.validation import save_grid
 

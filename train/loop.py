@@ -41,6 +41,7 @@ from train.checkpoint import (
 )
 from train.config import Config, config_to_dict, config_to_yaml
 from train.data import image_loader, latent_loader, stream_seed
+from train.embedded import resolve_base, resolve_train_shards, validation_prompts
 from train.models import (
     BaseModel,
     is_complete,
@@ -48,13 +49,11 @@ from train.models import (
     load_base,
     load_student,
     read_student,
-    resolve_base,
-    resolve_train_shards,
     save_student,
 )
 from train.text import encode_images, latent_size
 from train.tracking import Tracker
-from train.validation import DIGIT_PROMPTS, render, save_grid
+from train.validation import render, save_grid
 
 log = logging.getLogger("train")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
@@ -381,7 +380,7 @@ def _validate(cfg: Config, plan: PhasePlan, unet, prediction_type: str, base: Ba
               tracker: Tracker, global_step: int, tag: str) -> Path:
     """A grid of the fixed prompts × seeds at the student's step count. Main process only;
     the caller holds the other ranks at a barrier (NCCL timeout raised for this, pitfall 9)."""
-    prompts = cfg.validation.prompts or DIGIT_PROMPTS
+    prompts = validation_prompts(cfg.model, cfg.validation)
     images = render(unet, prediction_type, plan.student_steps, schedule=base.schedule, vae=base.vae,
                     text=base.text, prompts=prompts, images_per_prompt=cfg.validation.images_per_prompt,
                     seed=cfg.validation.seed, resolution=cfg.data.resolution)

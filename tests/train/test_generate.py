@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from train.config import config_to_yaml, load_config
-from train.digits_model import ensure_digits_model
+from train.digits.builder import ensure_digits_model
 from train.export import export_stage, read_export_info
 from train.generate import choose_steps, main
 from train.models import save_student

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.digits_model import digits_images, digits_split, ensure_digits_model
-from train.evaluate import (
+from train.digits.builder import ensure_digits_model
+from train.digits.data import digits_images, digits_split
+from train.digits.metrics import (
     DigitClassifier,
     digits_fd,
     ensure_digits_classifier,
