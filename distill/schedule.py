@@ -17,6 +17,11 @@ from torch import Tensor
 
 CLEAN = -1  # "next timestep" after the last grid point: the clean sample x0
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# SDXL's noise schedule (stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json):
+# scaled-linear betas, 1000 training steps. The embedded digits model is trained on it and the
+# tests build their schedules from it.
+SDXL_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                             beta_schedule="scaled_linear")
 
 
 @dataclass(frozen=True)

@@ -50,10 +50,6 @@ def random_conditioning(batch_size: int, seed: int = 0, size: int = 32) -> Condi
     return Conditioning(prompt, pooled, time_ids)
 
 
-# SDXL's noise schedule (scheduler/scheduler_config.json): scaled-linear betas, 1000 steps.
-SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                      beta_schedule="scaled_linear")
-
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the published architecture values
 # (no weights): build with `UNet2DConditionModel(**SDXL_UNET_CONFIG)` under
 # `torch.device("meta")` to check shapes and parameter counts at real size on a CPU.

@@ -38,7 +38,16 @@ sys.path.insert(0, str(ROOT))
 
 from distill.phases import lora_track_recipe, mse_only_recipe  # noqa: E402
 from train.config import Config, config_to_yaml, load_config  # noqa: E402
-from train.models import cache_root, resolve_base  # noqa: E402
+from train.digits.data import read_model_info  # noqa: E402
+from train.digits.metrics import (  # noqa: E402
+    ensure_digits_classifier,
+    held_out_images,
+    render_digits,
+    score_digits,
+)
+from train.embedded import cache_root, resolve_base  # noqa: E402
+from train.export import read_export_info  # noqa: E402
+from train.pipeline import load_pipeline  # noqa: E402
 
 STUDENT_STEPS = (8, 4, 2, 1)
 TEACHER_STEPS = (32, 8, 4, 2, 1)
@@ -87,8 +96,6 @@ class Row:
 
 def evaluate_row(name: str, pipe, steps: int, guidance: float, per_digit: int, classifier, real,
                  grid_images: dict, seed: int) -> Row:
-    from train.evaluate import render_digits, score_digits
-
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
     rendered = render_digits(pipe, steps, per_digit, guidance, seed)
@@ -175,10 +182,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "docs"))
     args = p.parse_args(argv)
 
-    from train.digits_model import read_model_info
-    from train.evaluate import ensure_digits_classifier, held_out_images, load_pipeline
-    from train.generate import load_export_pipeline
-
     base_cfg = load_config(args.config, args.override)
     runs = {name: train_variant(name, VARIANTS[name](base_cfg), Path(args.runs_root)) for name in args.variants}
     base_dir = resolve_base(base_cfg.model)
@@ -202,7 +205,7 @@ def main(argv=None) -> int:
             if not path.is_file():
                 print(f"[bench] {name}: no export {path.name}; row skipped", flush=True)
                 continue
-            pipe, info = load_export_pipeline(base_dir, path)
+            pipe, info = load_pipeline(base_dir, path), read_export_info(path)
             rows.append(evaluate_row(name, pipe, info.num_inference_steps, 0.0, args.per_digit, classifier,
                                      real, grid_images, args.seed))
 

@@ -4,7 +4,7 @@
     python scripts/make_digits_model.py [--size full] [--cache-root DIR]   # into the cache
 
 Without --out the model goes to the cache (`$DISTILL_CACHE` or ~/.cache/lightning-distill)
-and an existing cached copy is reused. See train/digits_model.py.
+and an existing cached copy is reused. See train/digits/builder.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import asdict
 
 import torch
 
-from train.digits_model import SPECS, build_digits_model, ensure_digits_model, read_model_info
+from train.digits.builder import SPECS, build_digits_model, ensure_digits_model
+from train.digits.data import read_model_info
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     python scripts/make_digits_shards.py --out DIR [--seed N] [--shard-size 256]
 
-See train/digits_data.py for the sample format.
+See train/digits/shards.py for the sample format.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from train.digits_data import write_digits_shards
+from train.digits.shards import write_digits_shards
 
 
 def main() -> None:

@@ -42,8 +42,9 @@ def pytest_collection_modifyitems(config, items):
 def digits_cache(tmp_path_factory) -> Path:
     """A cache root holding the tiny digits model and the digits shards, built once per session
     (or reused from $DISTILL_TEST_CACHE, to keep repeated local runs fast)."""
-    from train.digits_data import ensure_digits_shards
-    from train.digits_model import ensure_digits_model
+    # Imported here, not at the top: the digits package loads diffusers and transformers,
+    # which tests that never ask for this fixture (distill/, discriminator/) need not pay for.
+    from train.digits import ensure_digits_model, ensure_digits_shards
 
     root = Path(os.environ.get("DISTILL_TEST_CACHE") or tmp_path_factory.mktemp("digits_cache"))
     ensure_digits_model(root, "tiny")

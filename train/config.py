@@ -169,7 +169,7 @@ class CheckpointConfig:
 @dataclass
 class ValidationConfig:
     every_steps: int = 500  # steps between validation grids (0 = only at the end of each phase)
-    prompts: list[str] = field(default_factory=list)  # fixed prompts; [] = the digits prompts zero..nine
+    prompts: list[str] = field(default_factory=list)  # fixed prompts; [] = the embedded base's own (required for a folder base)
     images_per_prompt: int = 2  # images per prompt in the grid
     seed: int = 1234  # noise seed of the grid (fixed, so grids compare across steps)
 
@@ -222,6 +222,11 @@ class Config:
     def __post_init__(self):
         if not self.output_dir:
             raise ConfigError("output_dir: must be set")
+        if not self.validation.prompts and not self.model.base.startswith("digits:"):
+            # Only an embedded base brings prompts (train/embedded.py): fail here, not at the
+            # first validation grid after hours of training.
+            raise ConfigError(f"validation.prompts: required unless model.base is an embedded "
+                              f"digits model; {self.model.base} brings no prompts of its own")
         expand_recipe(self.stages)  # cross-stage checks (teacher chaining, skip levels, forms)
 
 

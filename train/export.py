@@ -53,9 +53,10 @@ from distill.lora import (
 )
 from train.config import DTYPES as EXPORT_DTYPES
 from train.config import Config, load_config
+from train.embedded import resolve_base
 from train.files import atomic_file, write_text_atomic
 from train.layout import RunLayout
-from train.models import is_complete, read_student, resolve_base, torch_dtype
+from train.models import is_complete, read_student, torch_dtype
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
 """Render prompts with an export through the diffusers SDXL pipeline, the code users run.
 
-A UNet export loads as the released SDXL-Lightning README shows (`from_config` +
-`load_state_dict`), a LoRA export with `pipe.load_lora_weights(path); pipe.fuse_lora()`; the
-scheduler is Euler on the trailing grid with the export's prediction type, guidance is off, and
-the step count is the one the export was distilled for, read from its metadata (METHOD.md §6).
+The export is applied as users apply it (`train.pipeline.load_pipeline`: a UNet through
+`from_config` + `load_state_dict`, a LoRA through `load_lora_weights` + `fuse_lora`, Euler on the
+trailing grid with the export's prediction type); guidance is off, and the step count is the
+one the export was distilled for, read from its metadata (METHOD.md §6). The images are written
+as one grid, prompt-major (`train.validation.save_grid`).
 
 Launch: python -m train.generate --base digits:full --export RUN/export/NAME_4step_unet.safetensors \
             --prompt "a handwritten digit seven" [--prompt ...] [--seed 0] [--out grid.png]
@@ -12,47 +13,23 @@ Launch: python -m train.generate --base digits:full --export RUN/export/NAME_4st
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from torch import Tensor
 
-from train.export import LORA_FORMAT, UNET_FORMAT, ExportInfo, read_export_info
+from train.config import ModelConfig
+from train.embedded import resolve_base
+from train.export import LORA_FORMAT, ExportInfo, read_export_info
+from train.pipeline import load_pipeline
+from train.validation import save_grid
 
 
 def resolve_base_dir(base: str) -> Path:
     """A diffusers folder, or digits:tiny / digits:full (built into the cache on first use)."""
-    from train.config import ModelConfig
-    from train.models import resolve_base
-
     return resolve_base(ModelConfig(base=base))
-
-
-def load_export_pipeline(base_dir: str | Path, export_path: str | Path, *,
-                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(StableDiffusionXLPipeline with the export applied, its ExportInfo)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-
-    info = read_export_info(export_path)
-    base_dir = str(base_dir)
-    if info.format == UNET_FORMAT:
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base_dir, subfolder="unet"))
-        unet.load_state_dict(load_file(str(export_path)))
-        pipe = StableDiffusionXLPipeline.from_pretrained(base_dir, unet=unet.to(dtype), torch_dtype=dtype,
-                                                         add_watermarker=False)
-    elif info.format == LORA_FORMAT:
-        pipe = StableDiffusionXLPipeline.from_pretrained(base_dir, torch_dtype=dtype, add_watermarker=False)
-        pipe.load_lora_weights(str(export_path))
-        pipe.fuse_lora()
-    else:
-        raise ValueError(f"{export_path}: unknown export format {info.format!r}")
-    pipe.scheduler = EulerDiscreteScheduler.from_config(
-        pipe.scheduler.config, timestep_spacing=info.scheduler.get("timestep_spacing", "trailing"),
-        prediction_type=info.prediction_type)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), info
 
 
 def choose_steps(info: ExportInfo, requested: int | None, force: bool = False) -> int:
@@ -75,13 +52,10 @@ def render(pipe, prompts: list[str], num_steps: int, seed: int, images_per_promp
                 num_images_per_prompt=images_per_prompt, generator=generator).images
 
 
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
+def to_tensor(images: list[Image.Image]) -> Tensor:
+    """PIL RGB images as (N, 3, H, W) floats in [0, 1] (exact: k/255 rounds back to k)."""
+    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+                        for im in images]).float().div(255)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -104,10 +78,10 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(str(err))
     if args.lora and info.format != LORA_FORMAT:
         parser.error(f"--lora: {args.export} is a {info.format} export, not a LoRA")
-    pipe, info = load_export_pipeline(resolve_base_dir(args.base), args.export)
+    pipe = load_pipeline(resolve_base_dir(args.base), args.export)
     images = render(pipe, args.prompt, steps, args.seed, args.images_per_prompt)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, columns=args.images_per_prompt if len(args.prompt) > 1 else len(images)).save(args.out)
+    save_grid(to_tensor(images), args.out,
+              columns=args.images_per_prompt if len(args.prompt) > 1 else len(images))
     print(f"{args.out}: {len(args.prompt)} prompt(s), {steps} steps, {info.format}, "
           f"prediction_type={info.prediction_type}")
     return args.out

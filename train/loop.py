@@ -37,6 +37,7 @@ from train.checkpoint import (
 )
 from train.config import Config, config_to_dict, config_to_yaml
 from train.data import stream_seed, training_stream
+from train.embedded import resolve_base, resolve_train_shards, validation_prompts
 from train.export import export_stage
 from train.files import write_text_atomic
 from train.layout import RunLayout
@@ -46,15 +47,13 @@ from train.models import (
     link_or_copy,
     load_base,
     load_student,
-    resolve_base,
-    resolve_train_shards,
     save_student,
     torch_dtype,
 )
 from train.steps import StepContext, StepOutcome, Updater, draw_point, train_step
 from train.text import batch_to_latents
 from train.tracking import Tracker
-from train.validation import DIGIT_PROMPTS, render, save_grid
+from train.validation import render, save_grid
 
 log = logging.getLogger("train")
 
@@ -273,7 +272,7 @@ def _validate(ctx: _Run, plan: PhasePlan, unet, prediction_type: str, global_ste
     """A grid of the fixed prompts × seeds at the student's step count. Main process only;
     the caller holds the other ranks at a barrier (NCCL timeout raised for this, pitfall 9)."""
     v, base = ctx.cfg.validation, ctx.base
-    prompts = v.prompts or DIGIT_PROMPTS
+    prompts = validation_prompts(ctx.cfg.model, v)
     images = render(unet, prediction_type, plan.student_steps, schedule=base.schedule, vae=base.vae,
                     text=base.text, prompts=prompts, images_per_prompt=v.images_per_prompt,
                     seed=v.seed, resolution=ctx.cfg.data.resolution)

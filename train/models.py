@@ -29,8 +29,8 @@ from distill.lora import (
     merge_lora,
 )
 from distill.schedule import NoiseSchedule
-from train.config import DataConfig, ModelConfig
-from train.files import atomic_dir, default_cache_root
+from train.config import ModelConfig
+from train.files import atomic_dir
 from train.text import TextEncoders, load_text_encoders
 
 STUDENT_FILE = "student.json"
@@ -40,41 +40,6 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 
 def torch_dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[name]
-
-
-def cache_root(model_cfg: ModelConfig) -> Path:
-    """model.cache_dir, else the embedded models' default ($DISTILL_CACHE or ~/.cache/...)."""
-    return Path(model_cfg.cache_dir) if model_cfg.cache_dir else default_cache_root()
-
-
-def is_embedded(model_cfg: ModelConfig) -> bool:
-    return model_cfg.base.startswith("digits:")
-
-
-def resolve_base(model_cfg: ModelConfig) -> Path:
-    """The base model's diffusers folder; the embedded digits model is built on first use."""
-    if is_embedded(model_cfg):
-        from train.digits_model import ensure_digits_model
-
-        return Path(ensure_digits_model(cache_root(model_cfg), model_cfg.base.split(":", 1)[1]))
-    path = Path(model_cfg.base)
-    if not (path / "unet" / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.base: {path} is not a diffusers model folder (no unet/config.json). Nothing is "
-            "downloaded at run time: point it at a local copy (e.g. `huggingface-cli download "
-            "stabilityai/stable-diffusion-xl-base-1.0 --local-dir ...`), or use digits:full.")
-    return path
-
-
-def resolve_train_shards(model_cfg: ModelConfig, data_cfg: DataConfig) -> str:
-    if data_cfg.train_shards or data_cfg.latent_shards:
-        return data_cfg.train_shards
-    if not is_embedded(model_cfg):
-        raise ValueError("data.train_shards: required unless model.base is an embedded digits model")
-    from train.digits_data import ensure_digits_shards
-
-    urls = ensure_digits_shards(cache_root(model_cfg)).train_urls
-    return urls if isinstance(urls, str) else " ".join(urls)
 
 
 @dataclass

@@ -46,10 +46,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distill.phases import did_you_mean, stage_name
 from train.config import Config, ConfigError, load_config
+from train.embedded import EVAL_METRICS, evaluate_export, is_embedded
+from train.tracking import read_metrics
 
 SWEEP_KEYS = ("base", "root", "overrides", "grid", "runs")
 METRICS = ("loss_mse", "loss_x0", "loss_d", "loss_g", "d_acc_real", "d_acc_fake")
-EVAL_METRICS = ("digits_fd", "prompt_accuracy")
 MAX_NAME_CHARS = 100  # longer generated names are cut and suffixed with a hash of the overrides
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _PLAIN = re.compile(r"[A-Za-z_/][A-Za-z0-9_./:+-]*")
@@ -322,8 +323,6 @@ def run_sweep(sweep: Sweep, launcher: str | None = None) -> list[str]:
 def stage_metrics(run: SweepRun) -> dict[str, dict[str, Any]]:
     """Per stage: the last logged value of each METRICS key, and the skipped (non-finite)
     steps summed over the stage's phases (each phase counts its own)."""
-    from train.tracking import read_metrics
-
     result: dict[str, dict[str, Any]] = {}
     skipped: dict[str, dict[str, int]] = {}
     for row in read_metrics(run.output_dir):
@@ -346,10 +345,11 @@ def _unet_export(stage_json: Path) -> Path | None:
 
 
 def evaluate_run(sweep: Sweep, run: SweepRun, per_digit: int) -> dict[str, dict[str, float]]:
-    """digits-FD and prompt accuracy of each finished stage's UNet export at its own step
-    count, rendered through the diffusers pipeline; cached in root/eval/<name>.json (keyed by
-    the export's mtime and per_digit). Only for runs whose base is an embedded digits model."""
-    if not run.config.model.base.startswith("digits:"):
+    """EVAL_METRICS (the embedded evaluator's: digits-FD, prompt accuracy) of each finished
+    stage's UNet export at its own step count, rendered through the diffusers pipeline; cached
+    in root/eval/<name>.json (keyed by the export's mtime and per_digit). Only for runs whose
+    base is an embedded model; other runs get no evaluation."""
+    if not is_embedded(run.config.model):
         return {}
     cache_path = sweep.root / "eval" / f"{run.name}.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
@@ -370,21 +370,15 @@ def evaluate_run(sweep: Sweep, run: SweepRun, per_digit: int) -> dict[str, dict[
 
 
 def _evaluate_export(cfg: Config, export: Path, per_digit: int) -> dict[str, float]:
+    # diffusers/transformers only here: --dry-run, --commands and --collect-only never load them.
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from train.evaluate import evaluate_pipeline
-    from train.generate import load_export_pipeline
-    from train.models import cache_root, resolve_base
-
     diffusers_logging.disable_progress_bar()  # per-component loading bars, for every export
     transformers_logging.disable_progress_bar()
-    pipe, info = load_export_pipeline(resolve_base(cfg.model), export)
-    # Guidance off: distilled students are sampled without CFG (METHOD.md §6).
-    result = evaluate_pipeline(pipe, info.num_inference_steps, per_digit, guidance_scale=0.0,
-                               cache_root=cache_root(cfg.model))
-    print(f"    eval {export.name}: FD {result.fd:.3f}, accuracy {result.accuracy:.3f}", flush=True)
-    return {"digits_fd": result.fd, "prompt_accuracy": result.accuracy}
+    metrics = evaluate_export(cfg.model, export, per_digit)
+    print(f"    eval {export.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+    return metrics
 
 
 def result_rows(sweep: Sweep, evals: dict[str, dict] | None = None) -> list[dict[str, Any]]:

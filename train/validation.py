@@ -13,10 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from distill.sampling import decode_latents, sample
-from train.digits_model import prompt_for
 from train.text import TextEncoders, latent_size
-
-DIGIT_PROMPTS = [prompt_for(digit) for digit in range(10)]
 
 
 @torch.no_grad()

@@ -7,13 +7,12 @@ import torch
 from scipy.stats import chisquare
 
 from discriminator.renoise import DEFAULT_TIMESTEPS, renoise, sample_renoise_timesteps
-from distill.schedule import NoiseSchedule, forward
-from distill.testing import SDXL_SCHEDULER
+from distill.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, forward
 
 
 @pytest.fixture(scope="module")
 def schedule() -> NoiseSchedule:
-    return NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER)
+    return NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER_CONFIG)
 
 
 def x0_pair(seed: int = 0, batch: int = 6):

@@ -7,10 +7,10 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from distill.sampling import decode_latents, sample
-from distill.schedule import NoiseSchedule
-from distill.testing import SDXL_SCHEDULER, random_conditioning, tiny_unet
+from distill.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule
+from distill.testing import random_conditioning, tiny_unet
 
-SCHEDULE = NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER)
+SCHEDULE = NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER_CONFIG)
 
 
 def noise(batch, seed=0, dtype=torch.float32):
@@ -20,7 +20,7 @@ def noise(batch, seed=0, dtype=torch.float32):
 @torch.no_grad()
 def euler_loop(unet, latents, cond, num_steps, prediction_type, guidance_scale=0.0):
     """The denoising loop of StableDiffusionXLPipeline, written out."""
-    sched = EulerDiscreteScheduler(**SDXL_SCHEDULER, timestep_spacing="trailing",
+    sched = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG, timestep_spacing="trailing",
                                    prediction_type=prediction_type)
     sched.set_timesteps(num_steps)
     latents = latents * sched.init_noise_sigma
@@ -89,7 +89,7 @@ def test_sample_and_decode_reproduce_the_sdxl_pipeline(prediction_type, guidance
     text encoders are not under test) and all-zero negative embeddings."""
     stats = dict(latents_mean=(0.1, -0.2, 0.3, 0.0), latents_std=(0.9, 1.1, 1.0, 0.8)) if vae_stats else {}
     vae, unet = tiny_vae(**stats), tiny_unet(seed=3).eval()
-    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER, timestep_spacing="trailing",
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG, timestep_spacing="trailing",
                                        prediction_type=prediction_type)
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                      tokenizer_2=None, unet=unet, scheduler=scheduler)

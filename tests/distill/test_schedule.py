@@ -10,6 +10,7 @@ from diffusers import EulerDiscreteScheduler
 
 from distill.schedule import (
     CLEAN,
+    SDXL_SCHEDULER_CONFIG,
     NoiseSchedule,
     Prediction,
     eps_to_x0,
@@ -25,16 +26,15 @@ from distill.schedule import (
     training_input,
     x0_to_eps,
 )
-from distill.testing import SDXL_SCHEDULER
 
 
 @pytest.fixture(scope="module")
 def schedule() -> NoiseSchedule:
-    return NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER)
+    return NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER_CONFIG)
 
 
 def euler(num_steps: int, prediction_type: str) -> EulerDiscreteScheduler:
-    sched = EulerDiscreteScheduler(**SDXL_SCHEDULER, timestep_spacing="trailing",
+    sched = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG, timestep_spacing="trailing",
                                    prediction_type=prediction_type)
     sched.set_timesteps(num_steps)
     return sched
@@ -48,7 +48,7 @@ def test_sdxl_schedule_values(schedule):
     assert schedule.num_train_timesteps == 1000 and schedule.last_timestep == 999
     assert schedule.alphas_cumprod.dtype == torch.float64
     assert schedule.alphas_cumprod[-1].item() == pytest.approx(0.0047, abs=5e-5)
-    ref = EulerDiscreteScheduler(**SDXL_SCHEDULER).alphas_cumprod.double()
+    ref = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG).alphas_cumprod.double()
     torch.testing.assert_close(schedule.alphas_cumprod, ref, rtol=0, atol=0)
 
 

@@ -8,6 +8,7 @@ from peft import LoraConfig
 
 from distill.schedule import (
     CLEAN,
+    SDXL_SCHEDULER_CONFIG,
     NoiseSchedule,
     eps_to_x0,
     move,
@@ -17,9 +18,9 @@ from distill.schedule import (
     trailing_grid,
 )
 from distill.teacher import Teacher
-from distill.testing import SDXL_SCHEDULER, random_conditioning, tiny_unet
+from distill.testing import random_conditioning, tiny_unet
 
-SCHEDULE = NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER)
+SCHEDULE = NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER_CONFIG)
 TOL = dict(rtol=1e-5, atol=1e-5)
 # Batched against per-sample walks: the same math in another reduction order (conv and
 # attention kernels pick different blockings per batch shape, and differ between Intel and AMD

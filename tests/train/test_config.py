@@ -46,6 +46,7 @@ def test_overrides_reach_nested_lists():
     ("stages.1.phases.3.form=lora", "stages.1.phases.3"),
     ("discriminator.renoise_weights=[1,1]", "discriminator.renoise_weights: need 4 non-negative weights"),
     ("model.base=digits:huge", "model.base: 'digits:huge' is not one of"),
+    ("model.base=/models/sdxl", "validation.prompts: required unless model.base is an embedded"),
     ("nonsense=1", "nonsense: unknown key"),
 ])
 def test_bad_values_name_key_value_and_allowed(override, expected):

@@ -31,7 +31,8 @@ from distill.lora import (
 from distill.sampling import decode_latents, sample
 from distill.testing import sdxl_unet_on_meta
 from train.config import config_to_dict, config_to_yaml, load_config
-from train.digits_model import TIME_IDS, ensure_digits_model
+from train.digits.builder import ensure_digits_model
+from train.digits.data import TIME_IDS
 from train.export import LORA_FORMAT, UNET_FORMAT, export_stage, main, read_export_info
 from train.models import load_base, load_student, plain_state_dict, save_student
 

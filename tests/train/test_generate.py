@@ -13,10 +13,11 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from train.config import config_to_yaml, load_config
-from train.digits_model import ensure_digits_model
+from train.digits.builder import ensure_digits_model
 from train.export import export_stage, read_export_info
-from train.generate import choose_steps, load_export_pipeline, main
+from train.generate import choose_steps, main
 from train.models import save_student
+from train.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE = 3  # configs/tiny.yaml's 2-step stage
@@ -71,7 +72,7 @@ def test_cli_writes_a_grid_of_the_pipeline_images(exports, digits_dir, tmp_path)
     grid = np.asarray(Image.open(out))
     assert grid.shape == (64, 64, 3) and grid.std() > 0
     # the grid holds exactly what the pipeline renders for that seed (prompt-major rows)
-    pipe, info = load_export_pipeline(digits_dir, exports[0])
+    pipe, info = load_pipeline(digits_dir, exports[0]), read_export_info(exports[0])
     assert pipe.scheduler.config.timestep_spacing == "trailing"
     images = pipe(prompt=prompts, num_inference_steps=info.num_inference_steps, guidance_scale=0.0,
                   num_images_per_prompt=2, generator=torch.Generator().manual_seed(5)).images

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from distill.phases import PhaseConfig, StageConfig, expand_recipe
-from distill.schedule import NoiseSchedule, trailing_grid
-from distill.testing import SDXL_SCHEDULER
+from distill.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule, trailing_grid
 from train.build import EMA, lr_factor
 from train.steps import draw_point
 
@@ -38,7 +37,7 @@ def test_ema_tracks_and_round_trips():
 def test_draw_point_uses_the_phase_timesteps_and_the_students_next_grid_point():
     stage = StageConfig(teacher_steps=4, student_steps=2, phases=[PhaseConfig(kind="mse", steps=1)])
     plan = expand_recipe([stage])[0]
-    schedule = NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER)
+    schedule = NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER_CONFIG)
     x0 = torch.randn(256, 4, 2, 2)
     point = draw_point(plan, schedule, x0, torch.Generator().manual_seed(0))
     assert set(point.t.tolist()) == {999, 749, 499, 249}

@@ -12,8 +12,8 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
 from train.data import image_loader_single_pass, latent_loader
-from train.digits_data import ensure_digits_shards
-from train.digits_model import ensure_digits_model
+from train.digits.builder import ensure_digits_model
+from train.digits.shards import ensure_digits_shards
 from train.text import TextEmbeddings, encode_images, load_text_encoders
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))

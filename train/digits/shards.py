@@ -19,12 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.digits_model import (
-    RESOLUTION,
-    digits_images,
-    digits_split,
-    prompt_for,
-)
+from train.digits.data import RESOLUTION, digits_images, digits_split, prompt_for
 from train.files import build_once, default_cache_root
 
 SHARDS_VERSION = 1  # bump when the layout changes, so caches rebuild

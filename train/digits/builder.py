@@ -6,7 +6,7 @@ inside scikit-learn), upsampled to 32×32 RGB (ARCHITECTURE.md, "Embedded defaul
 
 - two CLIP tokenizers whose byte-level BPE vocabulary is generated locally and two
   random-init CLIP text encoders (SDXL freezes them, the UNet learns to read them), from
-  `train/digits_text.py`;
+  `train/digits/text.py`;
 - an `AutoencoderKL` (32×32×3 ↔ 4×8×8) trained on the digits;
 - an SDXL-style `UNet2DConditionModel` (`addition_embed_type="text_time"`) trained as an
   epsilon-prediction DDPM on SDXL's scaled-linear schedule with 10 % prompt dropout to
@@ -17,8 +17,8 @@ saved as a diffusers folder that `StableDiffusionXLPipeline.from_pretrained(DIR)
 offline, plus `digits_model.json` (size, guidance scale, resolution, metrics).
 
 Launch: `python scripts/make_digits_model.py --out DIR [--size tiny|full] [--seed N]`.
-Prompts name the digit: `prompt_for(7) == "a handwritten digit seven"`. The held-out split
-of `digits_split` is never trained on; it is only used for evaluation.
+The data, split and prompts are `train/digits/data.py`'s; the guidance scale is chosen with the
+evaluator of `train/digits/metrics.py` on the training digits (the held-out ones stay unseen).
 """
 
 from __future__ import annotations
@@ -29,83 +29,28 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from train.digits_text import build_text_encoders, write_tokenizer
+from distill.schedule import SDXL_SCHEDULER_CONFIG
+from train.digits.data import (
+    DIGIT_PROMPTS,
+    INFO_FILE,
+    RESOLUTION,
+    TIME_IDS,
+    DigitsSplit,
+    digits_images,
+    digits_split,
+    to_model_range,
+)
+from train.digits.metrics import ensure_digits_classifier, evaluate_pipeline
+from train.digits.text import build_text_encoders, write_tokenizer
 from train.files import build_once, default_cache_root
 
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-RESOLUTION = 32  # pixels; the VAE downsamples by 4 to 8×8 latents
-TIME_IDS = (RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION)  # SDXL micro-cond, height first
 MODEL_VERSION = 1  # bump when the builder changes, so caches rebuild
-INFO_FILE = "digits_model.json"
-# SDXL's noise schedule (stabilityai/stable-diffusion-xl-base-1.0 scheduler config).
-SDXL_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                     beta_schedule="scaled_linear")
-
-
-def prompt_for(digit: int) -> str:
-    """The caption of a digit class: "a handwritten digit seven"."""
-    return f"a handwritten digit {DIGIT_NAMES[int(digit)]}"
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class DigitsData:
-    images: torch.Tensor  # (N, 3, 32, 32) uint8, ink bright on black
-    labels: torch.Tensor  # (N,) int64 in 0..9
-
-
-@dataclass(frozen=True)
-class DigitsSplit:
-    train: np.ndarray  # indices into `digits_images()`, ~85 %
-    eval: np.ndarray  # held-out indices, ~15 %, stratified by label; never trained on
-
-
-@lru_cache(maxsize=2)
-def digits_images(resolution: int = RESOLUTION) -> DigitsData:
-    """All 1,797 digits as uint8 RGB at `resolution` (bilinear upsampling of the 0..16 grid).
-
-    uint8 so that the PNG shards, the VAE's training data and the evaluator's real images
-    are bit-identical.
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)
-    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
-    x = x.clamp(0, 1).mul(255).round().to(torch.uint8).repeat(1, 3, 1, 1)
-    return DigitsData(x.contiguous(), torch.from_numpy(digits.target).long())
-
-
-SPLIT_SEED = 0  # the canonical split: every model seed trains on the same training digits
-
-
-def digits_split(seed: int = SPLIT_SEED) -> DigitsSplit:
-    """The deterministic stratified 85/15 train/held-out split every component shares.
-
-    Builders, shards and the evaluator all use the default seed, so the held-out digits are
-    never trained on whatever seed a model is built with.
-    """
-    from sklearn.model_selection import train_test_split
-
-    labels = digits_images().labels.numpy()
-    train, held_out = train_test_split(np.arange(len(labels)), test_size=0.15,
-                                       random_state=seed, stratify=labels)
-    return DigitsSplit(np.sort(train), np.sort(held_out))
-
-
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] → float [−1, 1], the VAE's pixel range."""
-    return images_uint8.float().div(127.5).sub(1.0)
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -249,7 +194,7 @@ def train_unet(unet, spec: DigitsModelSpec, latent_mean: torch.Tensor, latent_st
     """
     from diffusers import DDPMScheduler
 
-    abar = DDPMScheduler(**SDXL_SCHEDULE).alphas_cumprod
+    abar = DDPMScheduler(**SDXL_SCHEDULER_CONFIG).alphas_cumprod
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.unet_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.unet_lr, total_steps=spec.unet_steps,
@@ -308,8 +253,6 @@ def _choose_guidance(pipe, spec: DigitsModelSpec, split: DigitsSplit, seed: int,
                      cache_root: Path) -> tuple[float, dict]:
     """Pick the CFG scale with the lowest FD against the *training* digits among those with
     near-best prompt accuracy (the held-out split stays untouched for reporting)."""
-    from train.evaluate import ensure_digits_classifier, evaluate_pipeline
-
     classifier = ensure_digits_classifier(cache_root)
     data = digits_images()
     train_real = data.images[torch.from_numpy(split.train)].float() / 255
@@ -339,21 +282,21 @@ def build_digits_model(out_dir: str | os.PathLike, size: str = "full", seed: int
     images = to_model_range(data.images)
     train_idx = torch.from_numpy(split.train)
 
-    words = sorted({w for d in range(10) for w in prompt_for(d).split()})
+    words = sorted({w for prompt in DIGIT_PROMPTS for w in prompt.split()})
     tokenizer = write_tokenizer(out_dir / "tokenizer", words)
     tokenizer_2 = write_tokenizer(out_dir / "tokenizer_2", words)
     text_encoder, text_encoder_2 = build_text_encoders(
         tokenizer, spec.text_hidden, spec.text_layers, spec.projection_dim, seed)
     trained = train_vae(spec, images[train_idx], images[torch.from_numpy(split.eval)], seed)
     unet = build_unet(spec, 2 * spec.text_hidden, seed)
-    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULE, prediction_type="epsilon",
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG, prediction_type="epsilon",
                                        timestep_spacing="trailing")
     pipe = StableDiffusionXLPipeline(trained.vae, text_encoder, text_encoder_2, tokenizer,
                                      tokenizer_2, unet, scheduler,
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
     with torch.no_grad():
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-            [prompt_for(d) for d in range(10)], device="cpu", do_classifier_free_guidance=False)
+            list(DIGIT_PROMPTS), device="cpu", do_classifier_free_guidance=False)
     unet, final_loss = train_unet(unet, spec, trained.latent_mean, trained.latent_std,
                                   data.labels[train_idx], prompt_embeds, pooled, seed)
     pipe.register_modules(unet=unet)
@@ -361,8 +304,6 @@ def build_digits_model(out_dir: str | os.PathLike, size: str = "full", seed: int
 
     guidance, search, accuracy, fd = DEFAULT_GUIDANCE, {}, None, None
     if spec.guidance_candidates:
-        from train.evaluate import ensure_digits_classifier, evaluate_pipeline
-
         cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         guidance, search = _choose_guidance(pipe, spec, split, seed, cache_root)
         final = evaluate_pipeline(pipe, 32, spec.eval_per_digit, guidance, seed + 1,
@@ -376,7 +317,7 @@ def build_digits_model(out_dir: str | os.PathLike, size: str = "full", seed: int
         accuracy, fd, search)
     info = {"version": MODEL_VERSION, "size": size, "seed": seed, "resolution": RESOLUTION,
             "guidance_scale": guidance, "time_ids": list(TIME_IDS),
-            "prompts": [prompt_for(d) for d in range(10)],
+            "prompts": list(DIGIT_PROMPTS),
             "metrics": {k: v for k, v in asdict(report).items() if k != "path"}}
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return report
@@ -392,8 +333,3 @@ def ensure_digits_model(cache_root: str | os.PathLike | None = None, size: str =
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     final = root / f"digits-model-{size}-seed{seed}-v{MODEL_VERSION}"
     return build_once(final, INFO_FILE, lambda tmp: build_digits_model(tmp, size, seed, cache_root=root))
-
-
-def read_model_info(model_dir: str | os.PathLike) -> dict:
-    """The `digits_model.json` of a built model (guidance scale, resolution, metrics)."""
-    return json.loads((Path(model_dir) / INFO_FILE).read_text())

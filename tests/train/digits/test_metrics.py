@@ -6,19 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.digits_model import digits_images, digits_split, ensure_digits_model
-from train.evaluate import (
+from train.digits.builder import ensure_digits_model
+from train.digits.data import digits_images, digits_split
+from train.digits.metrics import (
     DigitClassifier,
     digits_fd,
     ensure_digits_classifier,
     evaluate_pipeline,
     frechet_distance,
     held_out_images,
-    load_pipeline,
     prompt_accuracy,
     render_digits,
-    save_grid,
 )
+from train.pipeline import load_pipeline
+from train.validation import save_grid
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +81,7 @@ def test_evaluate_pipeline_on_tiny_model(classifier, digits_cache, tmp_path):
     b = render_digits(pipe, 1, 1, 3.0, seed=5, batch_size=3)
     assert torch.allclose(a.images, b.images, atol=1e-5)
     assert a.labels.tolist() == list(range(10))
-    save_grid(a.images, tmp_path / "grid.png", columns=5)
+    save_grid(a.images, tmp_path / "grid.png", columns=5, gutter=1)
     from PIL import Image
 
     assert Image.open(tmp_path / "grid.png").size == (5 * 33 + 1, 2 * 33 + 1)

@@ -6,48 +6,18 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
-from train.digits_model import (
-    DIGIT_NAMES,
-    INFO_FILE,
-    build_digits_model,
-    digits_images,
-    digits_split,
-    ensure_digits_model,
-    prompt_for,
-    read_model_info,
-)
+from train.digits.builder import build_digits_model, ensure_digits_model
+from train.digits.data import DIGIT_NAMES, INFO_FILE, prompt_for, read_model_info
+from train.digits.metrics import evaluate_pipeline
+from train.pipeline import load_pipeline
 
 
 @pytest.fixture(scope="session")
 def tiny_model(digits_cache):
     return ensure_digits_model(digits_cache, "tiny")
-
-
-def test_prompts_name_the_digit():
-    assert prompt_for(7) == "a handwritten digit seven"
-    assert [prompt_for(d).split()[-1] for d in range(10)] == list(DIGIT_NAMES)
-
-
-def test_split_is_deterministic_disjoint_and_stratified():
-    a, b = digits_split(0), digits_split(0)
-    assert np.array_equal(a.train, b.train) and np.array_equal(a.eval, b.eval)
-    assert not np.array_equal(a.eval, digits_split(1).eval)
-    assert len(np.intersect1d(a.train, a.eval)) == 0
-    assert len(a.train) + len(a.eval) == 1797
-    assert 0.13 < len(a.eval) / 1797 < 0.17
-    counts = np.bincount(digits_images().labels.numpy()[a.eval], minlength=10)
-    assert counts.min() >= 25  # every digit is in the held-out split
-
-
-def test_images_are_32px_rgb_uint8_with_ink():
-    data = digits_images()
-    assert data.images.shape == (1797, 3, 32, 32) and data.images.dtype == torch.uint8
-    assert torch.equal(data.images[:, 0], data.images[:, 1])  # gray replicated to RGB
-    assert data.images.float().mean() > 10 and data.images.max() > 200
 
 
 def test_tokenizers_round_trip_prompts_offline(tiny_model):
@@ -119,8 +89,6 @@ def test_unknown_size_fails_naming_the_choices(tmp_path):
 def test_full_model_renders_the_prompted_digit():
     """The default teacher (built into the default cache if missing, ~10 min on 2 cores):
     32 trailing Euler steps with its stored CFG scale read as the prompted digit ≥ 90 %."""
-    from train.evaluate import evaluate_pipeline, load_pipeline
-
     path = ensure_digits_model(size="full")
     info = json.loads((path / INFO_FILE).read_text())
     result = evaluate_pipeline(load_pipeline(path), 32, 20, info["guidance_scale"], seed=1)

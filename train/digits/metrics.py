@@ -5,16 +5,14 @@ A small CNN classifier trained (seeded, cached) on the training split of the dig
   (FID's formula, on a feature space that knows what digits look like), and
 - `prompt_accuracy`: how often it reads the digit the prompt asked for.
 `evaluate_pipeline` renders prompts through an unmodified diffusers pipeline (the code path
-users run) and scores them against the held-out digits, which no model ever trains on.
-
-Launch: `python -m train.evaluate --model DIR --steps 32 8 4 2 1 --per-digit 20 [--guidance G]`
-prints a Markdown table (trailing Euler, as the Lightning models are sampled).
+users run) and scores them against the held-out digits, which no model ever trains on;
+`evaluate_export` does so for an export at its own step count, guidance off (the sweep's --eval).
+The command line is `train/digits/evaluate.py`.
 Images everywhere here are float tensors in [0, 1], shape (N, 3, 32, 32).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from train.digits_model import digits_images, digits_split, prompt_for
+from train.digits.data import digits_images, digits_split, prompt_for
+from train.export import read_export_info
 from train.files import atomic_file, default_cache_root
+from train.pipeline import load_pipeline
 
 CLASSIFIER_VERSION = 2  # bump when the classifier changes, so caches retrain
 
@@ -207,70 +207,12 @@ def evaluate_pipeline(pipe, num_steps: int, per_digit: int = 20, guidance_scale:
     return score_digits(rendered, num_steps, guidance_scale, classifier, real)
 
 
-def save_grid(images: Tensor, path: str | os.PathLike, columns: int) -> None:
-    """Save images (digit-major) as a PNG grid with `columns` per row, 1 px gutters."""
-    from train.validation import save_grid as tile
-
-    tile(images, path, columns, gutter=1)
-
-
-def load_pipeline(model_dir: str | os.PathLike, unet_file: str | None = None,
-                  prediction_type: str = "epsilon"):
-    """The model folder as an SDXL pipeline with trailing Euler; optionally an exported UNet
-    state dict (METHOD.md §6 user code) loaded over the base UNet."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
-    if unet_file is not None:
-        from safetensors.torch import load_file
-
-        pipe.unet.load_state_dict({k: v.float() for k, v in load_file(unet_file).items()})
-    pipe.scheduler = EulerDiscreteScheduler.from_config(
-        pipe.scheduler.config, timestep_spacing="trailing", prediction_type=prediction_type)
-    return pipe
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="diffusers SDXL folder (the digits model)")
-    p.add_argument("--unet", default=None, help="optional exported UNet .safetensors to load")
-    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "sample"])
-    p.add_argument("--steps", type=int, nargs="+", default=[32, 8, 4, 2, 1])
-    p.add_argument("--per-digit", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=None,
-                   help="CFG scale; default: the model's digits_model.json value")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", default=None, help="save sample grids, e.g. docs/digits_{steps}.png")
-    p.add_argument("--cache-root", default=None)
-    args = p.parse_args(argv)
-
-    guidance = args.guidance
-    if guidance is None:
-        from train.digits_model import read_model_info
-
-        info_file = Path(args.model) / "digits_model.json"
-        guidance = read_model_info(args.model)["guidance_scale"] if info_file.exists() else 0.0
-    pipe = load_pipeline(args.model, args.unet, args.prediction_type)
-    classifier = ensure_digits_classifier(args.cache_root)
-    real, real_labels = held_out_images()
-    data, split = digits_images(), digits_split()
-    train_real = data.images[torch.from_numpy(split.train)].float() / 255
-    rows = [f"| real (train vs held-out) | – | {digits_fd(train_real, real, classifier):.3f} | "
-            f"{prompt_accuracy(real, real_labels, classifier):.3f} |"]
-    pipe.set_progress_bar_config(disable=True)
-    for steps in args.steps:
-        rendered = render_digits(pipe, steps, args.per_digit, guidance, args.seed)
-        r = score_digits(rendered, steps, guidance, classifier, real)
-        rows.append(f"| {steps} | {guidance:g} | {r.fd:.3f} | {r.accuracy:.3f} |")
-        if args.grid:  # 10 rows (digits) × up to 10 columns of the images just scored
-            cols = min(args.per_digit, 10)
-            keep = torch.arange(len(rendered.images)) % args.per_digit < cols
-            save_grid(rendered.images[keep], args.grid.format(steps=steps), columns=cols)
-    print(f"\nmodel: {args.model}  unet: {args.unet or 'base'}  per digit: {args.per_digit}  "
-          f"seed: {args.seed}\n")
-    print("| steps | guidance | FD ↓ | accuracy ↑ |\n|---|---|---|---|")
-    print("\n".join(rows))
-
-
-if __name__ == "__main__":
-    main()
+def evaluate_export(base_dir: str | os.PathLike, export_path: str | os.PathLike, per_digit: int,
+                    seed: int = 0, cache_root: str | os.PathLike | None = None) -> EvalResult:
+    """An export applied to its base model as users apply it, rendered at the step count it was
+    distilled for with guidance off (distilled students are sampled without CFG, METHOD.md §6)
+    and scored against the held-out digits."""
+    pipe = load_pipeline(base_dir, export_path)
+    steps = read_export_info(export_path).num_inference_steps
+    return evaluate_pipeline(pipe, steps, per_digit, guidance_scale=0.0, seed=seed,
+                             cache_root=cache_root)

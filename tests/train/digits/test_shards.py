@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from train.digits_data import ensure_digits_shards
-from train.digits_model import digits_images, digits_split, prompt_for
+from train.digits.data import digits_images, digits_split, prompt_for
+from train.digits.shards import ensure_digits_shards
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,52 @@
+"""train/embedded.py, the config's embedded-model resolver: what an embedded base brings (prompts,
+shards, a folder built on first use, an evaluator) and the errors for a folder base that lacks
+them. The embedded builds themselves are tested in tests/train/digits/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from train.config import ConfigError, DataConfig, ModelConfig, ValidationConfig
+from train.digits.builder import ensure_digits_model
+from train.digits.data import DIGIT_PROMPTS
+from train.digits.shards import ensure_digits_shards
+from train.embedded import (
+    cache_root,
+    evaluate_export,
+    is_embedded,
+    resolve_base,
+    resolve_train_shards,
+    validation_prompts,
+)
+
+FOLDER = ModelConfig(base="/models/sdxl-base")
+
+
+def test_validation_prompts_come_from_the_config_else_the_embedded_model():
+    tiny = ModelConfig(base="digits:tiny")
+    assert validation_prompts(tiny, ValidationConfig(prompts=["a cat"])) == ["a cat"]
+    assert validation_prompts(FOLDER, ValidationConfig(prompts=["a cat"])) == ["a cat"]
+    assert validation_prompts(tiny, ValidationConfig()) == list(DIGIT_PROMPTS)
+    with pytest.raises(ConfigError, match="validation.prompts: required unless model.base is an embedded"):
+        validation_prompts(FOLDER, ValidationConfig())
+
+
+def test_embedded_bases_resolve_into_the_cache(digits_cache):
+    tiny = ModelConfig(base="digits:tiny", cache_dir=str(digits_cache))
+    assert is_embedded(tiny) and not is_embedded(FOLDER)
+    assert cache_root(tiny) == Path(digits_cache)
+    assert resolve_base(tiny) == Path(ensure_digits_model(digits_cache, "tiny"))
+    assert resolve_train_shards(tiny, DataConfig()) == ensure_digits_shards(digits_cache).train_urls
+    assert resolve_train_shards(tiny, DataConfig(train_shards="x-{0..1}.tar")) == "x-{0..1}.tar"
+
+
+def test_a_folder_base_brings_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a diffusers model folder"):
+        resolve_base(ModelConfig(base=str(tmp_path)))
+    with pytest.raises(ValueError, match="data.train_shards: required"):
+        resolve_train_shards(FOLDER, DataConfig())
+    assert resolve_train_shards(FOLDER, DataConfig(latent_shards="l-{0..1}.tar")) == ""
+    with pytest.raises(ValueError, match="only exports of digits:\\* runs can be evaluated"):
+        evaluate_export(FOLDER, tmp_path / "x.safetensors", per_digit=1)

@@ -1,0 +1,75 @@
+"""Evaluate a digits model folder, optionally with an export applied: digits-FD and prompt
+accuracy at several step counts, as a Markdown table (trailing Euler, as the Lightning models
+are sampled), plus the real digits' own scores as a reference row.
+
+Launch: `python -m train.digits.evaluate --model DIR --steps 32 8 4 2 1 --per-digit 20
+[--guidance G] [--export FILE] [--grid docs/digits_{steps}.png]`.
+The metrics are `train/digits/metrics.py`'s; this module is only the command line (kept apart
+so that importing the package never imports the module `-m` runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from train.digits.data import INFO_FILE, digits_images, digits_split, read_model_info
+from train.digits.metrics import (
+    digits_fd,
+    ensure_digits_classifier,
+    held_out_images,
+    prompt_accuracy,
+    render_digits,
+    score_digits,
+)
+from train.pipeline import load_pipeline
+from train.validation import save_grid
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m train.digits.evaluate",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="diffusers SDXL folder (the digits model)")
+    p.add_argument("--export", "--unet", default=None,
+                   help="optional train.export .safetensors (UNet or LoRA) applied to the model")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "sample", "v_prediction"],
+                   help="default: the export's (its metadata), else the model's scheduler's")
+    p.add_argument("--steps", type=int, nargs="+", default=[32, 8, 4, 2, 1])
+    p.add_argument("--per-digit", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale; default: the model's digits_model.json value")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default=None, help="save sample grids, e.g. docs/digits_{steps}.png")
+    p.add_argument("--cache-root", default=None)
+    args = p.parse_args(argv)
+
+    guidance = args.guidance
+    if guidance is None:
+        has_info = (Path(args.model) / INFO_FILE).exists()
+        guidance = read_model_info(args.model)["guidance_scale"] if has_info else 0.0
+    pipe = load_pipeline(args.model, args.export, prediction_type=args.prediction_type)
+    classifier = ensure_digits_classifier(args.cache_root)
+    real, real_labels = held_out_images()
+    data, split = digits_images(), digits_split()
+    train_real = data.images[torch.from_numpy(split.train)].float() / 255
+    rows = [f"| real (train vs held-out) | – | {digits_fd(train_real, real, classifier):.3f} | "
+            f"{prompt_accuracy(real, real_labels, classifier):.3f} |"]
+    pipe.set_progress_bar_config(disable=True)
+    for steps in args.steps:
+        rendered = render_digits(pipe, steps, args.per_digit, guidance, args.seed)
+        r = score_digits(rendered, steps, guidance, classifier, real)
+        rows.append(f"| {steps} | {guidance:g} | {r.fd:.3f} | {r.accuracy:.3f} |")
+        if args.grid:  # 10 rows (digits) × up to 10 columns of the images just scored
+            cols = min(args.per_digit, 10)
+            keep = torch.arange(len(rendered.images)) % args.per_digit < cols
+            save_grid(rendered.images[keep], args.grid.format(steps=steps), columns=cols, gutter=1)
+    print(f"\nmodel: {args.model}  export: {args.export or 'none'}  per digit: {args.per_digit}  "
+          f"seed: {args.seed}\n")
+    print("| steps | guidance | FD ↓ | accuracy ↑ |\n|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
