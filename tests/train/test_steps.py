@@ -12,15 +12,15 @@ from accelerate import Accelerator
 from discriminator.model import Discriminator
 from distill.lora import add_lora
 from distill.phases import PhaseConfig, StageConfig, expand_recipe
-from distill.schedule import NoiseSchedule
+from distill.schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule
 from distill.student import Student, switch_to_x0, trainable_parameters
 from distill.teacher import Teacher
-from distill.testing import SDXL_SCHEDULER, random_conditioning, tiny_unet
+from distill.testing import random_conditioning, tiny_unet
 from train.build import LearningRates, PhaseModels
 from train.config import DiscriminatorConfig
 from train.steps import StepContext, Updater, draw_point, train_step
 
-SCHEDULE = NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER)
+SCHEDULE = NoiseSchedule.from_scheduler_config(SDXL_SCHEDULER_CONFIG)
 D_CFG = DiscriminatorConfig(bucket_edges=[100, 400, 700], renoise_switch_step=1)
 
 

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from train.config import ModelConfig
-from train.models import load_base, resolve_base
+from train.embedded import resolve_base
+from train.models import load_base
 from train.validation import render, save_grid
 
 
