@@ -124,6 +124,7 @@ def test_validation_errors_name_the_run_or_key(tmp_path, in_root, text, expected
     assert expected in str(err.value)
 
 
+@pytest.mark.e2e
 def test_dry_run_and_commands_cli(tmp_path):
     path = _write(tmp_path / "s.yaml", EXAMPLE.format(root="runs/sweeps/example"))
     dry = _sweep_cli(path, "--dry-run")
@@ -170,6 +171,7 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.e2e
 def test_short_sweep_runs_both_and_tabulates(short_sweep):
     tmp, _, first = short_sweep
     root = tmp / "root"
@@ -192,6 +194,7 @@ def test_short_sweep_runs_both_and_tabulates(short_sweep):
     assert "| run | status | discriminator.bucket_edges | stage | loss_mse |" in md
 
 
+@pytest.mark.e2e
 def test_rerun_skips_finished_and_failed_run_is_reported(short_sweep):
     tmp, sweep, _ = short_sweep
     root = tmp / "root"
@@ -216,6 +219,7 @@ def test_rerun_skips_finished_and_failed_run_is_reported(short_sweep):
     assert status == {"broken": "failed (exit 1)", "bucket_edges-500": "finished"}
 
 
+@pytest.mark.e2e
 def test_collect_only_with_eval(short_sweep):
     tmp, sweep, _ = short_sweep
     result = _sweep_cli(sweep, "--collect-only", "--eval", "--eval-per-digit", "1")
