@@ -3,18 +3,21 @@
 For each finished stage (`RUN/stages/<N>step/final/`) this writes to `RUN/export/`:
   <name>_<N>step_unet.safetensors     flat diffusers-key UNet (LoRA folded in), cfg.export.dtype
   <name>_1step_unet_x0.safetensors    the same for an x0-prediction ("sample") student
-  <name>_<N>step_lora.safetensors     LoRA relative to the ORIGINAL base, kohya layout
+  <name>_<N>step_lora.safetensors     LoRA relative to the ORIGINAL base, kohya layout, SDXL names
   <name>_<N>step_lora_report.json     how well that LoRA approximates the stage's weights
 Every file's safetensors metadata says how to sample it (steps, prediction type, scheduler),
 what it was made from (base model, resolved config) and its format, so `train.generate` and
 users need nothing else (METHOD.md §6).
 
-Kohya layout: `lora_unet_<diffusers module path, "." → "_">.{lora_down.weight,lora_up.weight,
-alpha}`. diffusers' `load_lora_weights` reads it (`_convert_unet_lora_key` maps
-`down_blocks_…`/`up_blocks_…`/`mid_block_…` back, tested below through the real pipeline), and
-ComfyUI maps `lora_unet_` + every diffusers UNet key with underscores (`model_lora_keys_unet`),
-which peft-named keys are not (ARCHITECTURE.md pitfall 3). `alpha` is stored per module, since
-the update is (alpha / rank)·up·down (pitfall 2).
+Kohya layout: `lora_unet_<module path, "." → "_">.{lora_down.weight,lora_up.weight,alpha}`, with
+the original SDXL module paths by default (`export.lora_names: original`,
+`lora_unet_input_blocks_4_1_proj_in`; train/sdxl_layout.py derives them from the UNet's
+blocks): kohya's SDXL scripts (`sdxl_merge_lora.py`, `--network_weights`), A1111 and ComfyUI map
+those names, and diffusers' `load_lora_weights` converts them back (tested through the real
+pipeline). `lora_names: diffusers` writes the diffusers paths (`lora_unet_down_blocks_1_…`)
+instead, which diffusers and ComfyUI read but kohya's merge tools do not (ARCHITECTURE.md
+pitfall 3). `alpha` is stored per module, since the update is (alpha / rank)·up·down
+(pitfall 2); the `ss_*` metadata is what kohya's scripts and A1111 read.
 
 The LoRA comes from the LoRA track's adapter when the stage's weights W are still exactly the
 base's (the adapter is then relative to the base); otherwise it is extracted from
@@ -53,12 +56,14 @@ from distill.lora import (
 from distill.phases import stage_name
 from train.config import Config, load_config
 from train.files import atomic_file
+from train.sdxl_layout import lora_file_names
 
 log = logging.getLogger(__name__)
 
 UNET_FORMAT = "diffusers_unet"
 LORA_FORMAT = "kohya_lora"
 KOHYA_PREFIX = "lora_unet_"
+SDXL_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version for SDXL LoRAs
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 EXACT_REL_ERROR = 1e-5  # below this relative error the report calls an SVD LoRA exact
 
@@ -78,6 +83,7 @@ class ExportInfo:
     base_model: str  # cfg.model.base (a folder, or digits:tiny / digits:full)
     lora_rank: int  # 0 for UNet exports; the largest per-module rank for LoRAs
     lora_alpha: float  # 0 for UNet exports; alpha of adapter exports, = rank for SVD ones
+    lora_names: str  # "" for UNet exports; "original" (kohya SDXL) or "diffusers" module names
     config: dict | None  # the run's resolved config
 
 
@@ -89,7 +95,7 @@ def scheduler_settings(prediction_type: str) -> dict:
 
 def export_metadata(cfg: Config, steps: int, prediction_type: str, fmt: str,
                     lora: Mapping[str, float] | None = None) -> dict[str, str]:
-    """String metadata for one file; `lora` = {"rank", "alpha"} for LoRA files."""
+    """String metadata for one file; `lora` = {"rank", "alpha", "names"} for LoRA files."""
     meta = {
         "format": "pt",  # the safetensors convention other loaders check
         "export_format": fmt,
@@ -103,9 +109,15 @@ def export_metadata(cfg: Config, steps: int, prediction_type: str, fmt: str,
     }
     if lora is not None:
         rank, alpha = int(lora["rank"]), float(lora["alpha"])
-        # ss_* are the kohya keys A1111/ComfyUI show; per-module alphas are in the tensors.
-        meta.update(lora_rank=str(rank), lora_alpha=repr(alpha), ss_network_module="networks.lora",
-                    ss_network_dim=str(rank), ss_network_alpha=repr(alpha))
+        # ss_* are the kohya keys its scripts and A1111 read: A1111 takes a LoRA for SDXL only
+        # when ss_base_model_version starts with "sdxl_" (the architecture, whatever the base's
+        # weights); conv layers are targets too, hence conv_dim/conv_alpha in the network args.
+        # Per-module alphas are in the tensors.
+        meta.update(lora_rank=str(rank), lora_alpha=repr(alpha), lora_names=str(lora["names"]),
+                    ss_network_module="networks.lora", ss_network_dim=str(rank),
+                    ss_network_alpha=repr(alpha), ss_base_model_version=SDXL_MODEL_VERSION,
+                    ss_v2="False", ss_sd_model_name=cfg.model.base,
+                    ss_network_args=json.dumps({"conv_dim": str(rank), "conv_alpha": repr(alpha)}))
     return meta
 
 
@@ -123,7 +135,7 @@ def read_export_info(path: str | os.PathLike) -> ExportInfo:
         num_inference_steps=int(meta["num_inference_steps"]), prediction_type=prediction_type,
         scheduler=json.loads(meta.get("scheduler") or json.dumps(scheduler_settings(prediction_type))),
         base_model=meta.get("base_model", ""), lora_rank=int(meta.get("lora_rank", 0)),
-        lora_alpha=float(meta.get("lora_alpha", 0.0)),
+        lora_alpha=float(meta.get("lora_alpha", 0.0)), lora_names=meta.get("lora_names", ""),
         config=json.loads(meta["config"]) if "config" in meta else None)
 
 
@@ -178,20 +190,21 @@ def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
         report = {"source": "adapter", "rank": saved.lora_rank, "alpha": saved.lora_alpha,
                   "overall_rel_error": 0.0, "exact": True,
                   "layers": {m: {"rank": la.rank, "rel_error": 0.0} for m, la in layers.items()}}
-        lora_meta = {"rank": saved.lora_rank, "alpha": saved.lora_alpha}
+        lora_meta = {"rank": saved.lora_rank, "alpha": saved.lora_alpha, "names": cfg.export.lora_names}
     else:
         rank = cfg.export.lora_rank or cfg.student.lora_rank
         device = "cuda" if torch.cuda.is_available() else "cpu"
         extraction = extract_lora(folded, base, lora_target_modules(base_unet), rank, device)
         layers, report = extraction.layers, extraction.report
         max_rank = max((la.rank for la in layers.values()), default=rank)
-        lora_meta = {"rank": max_rank, "alpha": max_rank}
+        lora_meta = {"rank": max_rank, "alpha": max_rank, "names": cfg.export.lora_names}
+    file_names = lora_file_names(base_unet, layers, cfg.export.lora_names)
     del base_unet
     if not layers:
         log.warning("stage %d: weights equal the base on every LoRA target; no LoRA written", stage)
         return written
     lora_path = out_dir / f"{prefix}_lora.safetensors"
-    _atomic_save(kohya_state_dict(layers, dtype), lora_path,
+    _atomic_save(kohya_state_dict({file_names[m]: la for m, la in layers.items()}, dtype), lora_path,
                  export_metadata(cfg, steps, saved.prediction_type, LORA_FORMAT, lora_meta))
     report_path = out_dir / f"{prefix}_lora_report.json"
     report_path.write_text(json.dumps({"file": lora_path.name, **report}, indent=2) + "\n")
