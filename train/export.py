@@ -3,6 +3,8 @@
 For each finished stage (`RUN/stages/<N>step/final/`) this writes to `RUN/export/`:
   <name>_<N>step_unet.safetensors     flat diffusers-key UNet (LoRA folded in), cfg.export.dtype
   <name>_1step_unet_x0.safetensors    the same for an x0-prediction ("sample") student
+  <name>_<N>step.safetensors          single-file checkpoint, original SDXL layout: the UNet + the
+  <name>_1step_x0.safetensors         base's VAE and text encoders (export.single_file)
   <name>_<N>step_lora.safetensors     LoRA relative to the ORIGINAL base, kohya layout, SDXL names
   <name>_<N>step_lora_report.json     how well that LoRA approximates the stage's weights
 Every file's safetensors metadata says how to sample it (steps, prediction type, scheduler),
@@ -57,11 +59,13 @@ from distill.phases import stage_name
 from train.config import Config, load_config
 from train.files import atomic_file
 from train.sdxl_layout import lora_file_names
+from train.single_file import single_file_tensors
 
 log = logging.getLogger(__name__)
 
 UNET_FORMAT = "diffusers_unet"
 LORA_FORMAT = "kohya_lora"
+CHECKPOINT_FORMAT = "sdxl_single_file"  # original SDXL layout: UNet + VAE + text encoders
 KOHYA_PREFIX = "lora_unet_"
 SDXL_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version for SDXL LoRAs
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -76,7 +80,7 @@ class ExportInfo:
     """What an export's safetensors metadata says (everything needed to sample it)."""
 
     path: Path
-    format: str  # UNET_FORMAT | LORA_FORMAT
+    format: str  # UNET_FORMAT | LORA_FORMAT | CHECKPOINT_FORMAT
     num_inference_steps: int
     prediction_type: str  # "epsilon" | "sample" (x0) | "v_prediction"
     scheduler: dict  # EulerDiscreteScheduler overrides: timestep_spacing, prediction_type
@@ -147,12 +151,16 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def _base_dir(cfg: Config) -> Path:
+    from train.models import resolve_base
+
+    return resolve_base(cfg.model)
+
+
 def _load_base_unet(cfg: Config):
     from diffusers import UNet2DConditionModel
 
-    from train.models import resolve_base
-
-    return UNet2DConditionModel.from_pretrained(resolve_base(cfg.model), subfolder="unet",
+    return UNet2DConditionModel.from_pretrained(_base_dir(cfg), subfolder="unet",
                                                 torch_dtype=torch.float32)
 
 
@@ -179,6 +187,11 @@ def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
     _atomic_save({k: v.to(dtype).contiguous() for k, v in folded.items()}, unet_path,
                  export_metadata(cfg, steps, saved.prediction_type, UNET_FORMAT))
     written = [unet_path]
+    if cfg.export.single_file:  # UNet + the base's VAE and text encoders, original SDXL layout
+        checkpoint_path = out_dir / (f"{prefix}_x0.safetensors" if x0 else f"{prefix}.safetensors")
+        _atomic_save(single_file_tensors(folded, _base_dir(cfg), dtype), checkpoint_path,
+                     export_metadata(cfg, steps, saved.prediction_type, CHECKPOINT_FORMAT))
+        written.append(checkpoint_path)
     if x0:
         log.info("stage %d predicts x0: no LoRA export (see train/export.py)", stage)
         return written

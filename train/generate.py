@@ -1,7 +1,8 @@
 """Render prompts with an export through the diffusers SDXL pipeline, the code users run.
 
 A UNet export loads as the released SDXL-Lightning README shows (`from_config` +
-`load_state_dict`), a LoRA export with `pipe.load_lora_weights(path); pipe.fuse_lora()`; the
+`load_state_dict`), a LoRA export with `pipe.load_lora_weights(path); pipe.fuse_lora()`, a
+single-file checkpoint with `from_single_file(path, config=base)` (train/single_file.py); the
 scheduler is Euler on the trailing grid with the export's prediction type, guidance is off, and
 the step count is the one the export was distilled for, read from its metadata (METHOD.md §6).
 
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from train.export import LORA_FORMAT, UNET_FORMAT, ExportInfo, read_export_info
+from train.export import CHECKPOINT_FORMAT, LORA_FORMAT, UNET_FORMAT, ExportInfo, read_export_info
 
 
 def resolve_base_dir(base: str) -> Path:
@@ -46,6 +47,10 @@ def load_export_pipeline(base_dir: str | Path, export_path: str | Path, *,
         pipe = StableDiffusionXLPipeline.from_pretrained(base_dir, torch_dtype=dtype, add_watermarker=False)
         pipe.load_lora_weights(str(export_path))
         pipe.fuse_lora()
+    elif info.format == CHECKPOINT_FORMAT:  # from_single_file, the base folder as its config
+        from train.single_file import load_single_file_pipeline
+
+        pipe = load_single_file_pipeline(export_path, base_dir, dtype)
     else:
         raise ValueError(f"{export_path}: unknown export format {info.format!r}")
     pipe.scheduler = EulerDiscreteScheduler.from_config(

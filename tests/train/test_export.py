@@ -42,6 +42,8 @@ LATENT_TOL = 1e-4  # max abs latent difference, fp32 export vs reference sampler
 # Stages of configs/tiny.yaml (student steps 32, 8, 4, 2, 1) and the final each gets here.
 FULL, ADAPTER, LOW_RANK, X0 = 1, 2, 3, 4  # 8step full, 4step LoRA track, 2step low-rank, 1step x0
 LOW_RANK_R = 2  # rank of the exact delta of the 2-step final (< export rank 4)
+# UNets, LoRAs and reports only: single files, workflows and the card have their own tests
+WEIGHTS_ONLY = ("export.single_file=false", "export.workflows=false", "export.model_card=false")
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +81,7 @@ def make_run(root: Path, digits_dir: Path, stages=(FULL, ADAPTER, LOW_RANK, X0),
     """A run directory with config.yaml (configs/tiny.yaml) and the given stage finals."""
     cache = digits_dir.parent
     cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      [f"output_dir={root}", f"model.cache_dir={cache}", *overrides])
+                      [f"output_dir={root}", f"model.cache_dir={cache}", *WEIGHTS_ONLY, *overrides])
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(config_to_yaml(cfg))
     for stage in stages:
