@@ -7,6 +7,9 @@ For each finished stage (`RUN/stages/<N>step/final/`) this writes to `RUN/export
   <name>_1step_x0.safetensors         base's VAE and text encoders (export.single_file)
   <name>_<N>step_lora.safetensors     LoRA relative to the ORIGINAL base, kohya layout, SDXL names
   <name>_<N>step_lora_report.json     how well that LoRA approximates the stage's weights
+  <stem>_comfyui.json                 ComfyUI workflow (API format) per weights file (train/comfyui.py)
+  <name>_<N>step_samples.png          a row of samples from the UNet file, shown by the card
+  README.md                           the model card, rewritten each time (train/model_card.py)
 Every file's safetensors metadata says how to sample it (steps, prediction type, scheduler),
 what it was made from (base model, resolved config) and its format, so `train.generate` and
 users need nothing else (METHOD.md §6).
@@ -30,6 +33,8 @@ LCM-LoRA target set (no conv_out) cannot carry, and released SDXL-Lightning ship
 model as a full UNet only.
 
 Launch: python -m train.export RUN_DIR [--stages 8 4] [--dtype fp16|bf16|fp32] [--lora-rank R]
+            [--lora-names original|diffusers]
+        python -m train.export RUN_DIR --card-only      (rewrite export/README.md alone)
 """
 
 from __future__ import annotations
@@ -151,7 +156,8 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def _base_dir(cfg: Config) -> Path:
+def base_folder(cfg: Config) -> Path:
+    """The base model's diffusers folder (an embedded model is built on first use)."""
     from train.models import resolve_base
 
     return resolve_base(cfg.model)
@@ -160,12 +166,53 @@ def _base_dir(cfg: Config) -> Path:
 def _load_base_unet(cfg: Config):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(_base_dir(cfg), subfolder="unet",
+    return UNet2DConditionModel.from_pretrained(base_folder(cfg), subfolder="unet",
                                                 torch_dtype=torch.float32)
 
 
 def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
-    """Write the exports of stage `stage` (index into cfg.stages) from its final; main process."""
+    """Write the exports of stage `stage` (index into cfg.stages) from its final; main process.
+
+    The weights first, then (export.workflows) a ComfyUI workflow per weights file, then
+    (export.model_card) this step count's sample grid and the rewritten model card."""
+    written = _export_weights(Path(run_dir), cfg, stage)
+    if cfg.export.workflows:
+        written += _write_workflows(cfg, written)
+    if cfg.export.model_card:
+        from train.model_card import write_model_card, write_samples
+
+        unet = next(p for p in written if read_export_info(p).format == UNET_FORMAT)
+        written += [write_samples(unet, cfg), write_model_card(Path(run_dir), cfg)]
+    return written
+
+
+def _write_workflows(cfg: Config, written: list[Path]) -> list[Path]:
+    from train.comfyui import base_checkpoint_name, workflow, workflow_path
+    from train.files import write_text_atomic
+
+    loaders = {UNET_FORMAT: "unet", LORA_FORMAT: "lora", CHECKPOINT_FORMAT: "checkpoint"}
+    paths = []
+    for path in written:
+        if path.suffix != ".safetensors":
+            continue
+        info = read_export_info(path)
+        graph = workflow(loaders[info.format], path.name, base_checkpoint=base_checkpoint_name(cfg.model.base),
+                         steps=info.num_inference_steps, prediction_type=info.prediction_type,
+                         prompt=card_prompts(cfg)[0], width=cfg.data.resolution, height=cfg.data.resolution)
+        paths.append(write_text_atomic(workflow_path(path), json.dumps(graph, indent=2) + "\n"))
+    return paths
+
+
+def card_prompts(cfg: Config) -> list[str]:
+    """The run's validation prompts; the digits prompts zero..nine when it names none."""
+    if cfg.validation.prompts:
+        return list(cfg.validation.prompts)
+    from train.validation import DIGIT_PROMPTS
+
+    return list(DIGIT_PROMPTS)
+
+
+def _export_weights(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
     from train.models import read_student
 
     run_dir = Path(run_dir)
@@ -189,7 +236,7 @@ def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
     written = [unet_path]
     if cfg.export.single_file:  # UNet + the base's VAE and text encoders, original SDXL layout
         checkpoint_path = out_dir / (f"{prefix}_x0.safetensors" if x0 else f"{prefix}.safetensors")
-        _atomic_save(single_file_tensors(folded, _base_dir(cfg), dtype), checkpoint_path,
+        _atomic_save(single_file_tensors(folded, base_folder(cfg), dtype), checkpoint_path,
                      export_metadata(cfg, steps, saved.prediction_type, CHECKPOINT_FORMAT))
         written.append(checkpoint_path)
     if x0:
@@ -236,6 +283,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
                         help="student step counts to export (default: every finished stage)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="override export.dtype")
     parser.add_argument("--lora-rank", type=int, help="override export.lora_rank (SVD LoRAs)")
+    parser.add_argument("--lora-names", choices=("original", "diffusers"), help="override export.lora_names")
+    parser.add_argument("--card-only", action="store_true",
+                        help="only rewrite export/README.md (the model card) from the files already there")
     args = parser.parse_args(argv)
     from train.models import is_complete
 
@@ -245,7 +295,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
         export_cfg = dataclasses.replace(export_cfg, dtype=args.dtype)
     if args.lora_rank is not None:
         export_cfg = dataclasses.replace(export_cfg, lora_rank=args.lora_rank)
+    if args.lora_names:
+        export_cfg = dataclasses.replace(export_cfg, lora_names=args.lora_names)
     cfg = dataclasses.replace(cfg, export=export_cfg)
+    if args.card_only:
+        from train.model_card import write_model_card
+
+        if not (args.run_dir / "export").is_dir():
+            parser.error(f"{args.run_dir / 'export'}: nothing exported yet")
+        path = write_model_card(args.run_dir, cfg)
+        print(path)
+        return [path]
     by_steps = {s.student_steps: i for i, s in enumerate(cfg.stages)}
     if args.stages:
         unknown = [n for n in args.stages if n not in by_steps]
