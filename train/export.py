@@ -181,7 +181,8 @@ def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
     if cfg.export.model_card:
         from train.model_card import write_model_card, write_samples
 
-        unet = next(p for p in written if read_export_info(p).format == UNET_FORMAT)
+        unet = next(p for p in written if p.suffix == ".safetensors"
+                    and read_export_info(p).format == UNET_FORMAT)
         written += [write_samples(unet, cfg), write_model_card(Path(run_dir), cfg)]
     return written
 
