@@ -18,6 +18,7 @@ types), for the nodes these workflows use; `validate` checks a workflow against 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,3 +244,23 @@ def workflow(loader: str, file_name: str, *, base_checkpoint: str, steps: int, p
 def workflow_path(weights: Path) -> Path:
     """`<stem>_comfyui.json` next to `<stem>.safetensors`."""
     return weights.with_name(f"{weights.stem}_comfyui.json")
+
+
+def write_workflows(cfg, written: list[Path]) -> list[Path]:
+    """A workflow next to each exported weights file in `written` (train/export.py), prompting
+    the run's first sample prompt at its training resolution."""
+    from train.export import CHECKPOINT_FORMAT, LORA_FORMAT, UNET_FORMAT, read_export_info
+    from train.files import write_text_atomic
+    from train.model_card import sample_prompts
+
+    loaders = {UNET_FORMAT: "unet", LORA_FORMAT: "lora", CHECKPOINT_FORMAT: "checkpoint"}
+    paths = []
+    for path in written:
+        if path.suffix != ".safetensors":
+            continue
+        info = read_export_info(path)
+        graph = workflow(loaders[info.format], path.name, base_checkpoint=base_checkpoint_name(cfg.model.base),
+                         steps=info.num_inference_steps, prediction_type=info.prediction_type,
+                         prompt=sample_prompts(cfg)[0], width=cfg.data.resolution, height=cfg.data.resolution)
+        paths.append(write_text_atomic(workflow_path(path), json.dumps(graph, indent=2) + "\n"))
+    return paths

@@ -177,7 +177,9 @@ def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
     (export.model_card) this step count's sample grid and the rewritten model card."""
     written = _export_weights(Path(run_dir), cfg, stage)
     if cfg.export.workflows:
-        written += _write_workflows(cfg, written)
+        from train.comfyui import write_workflows
+
+        written += write_workflows(cfg, written)
     if cfg.export.model_card:
         from train.model_card import write_model_card, write_samples
 
@@ -185,32 +187,6 @@ def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
                     and read_export_info(p).format == UNET_FORMAT)
         written += [write_samples(unet, cfg), write_model_card(Path(run_dir), cfg)]
     return written
-
-
-def _write_workflows(cfg: Config, written: list[Path]) -> list[Path]:
-    from train.comfyui import base_checkpoint_name, workflow, workflow_path
-    from train.files import write_text_atomic
-
-    loaders = {UNET_FORMAT: "unet", LORA_FORMAT: "lora", CHECKPOINT_FORMAT: "checkpoint"}
-    paths = []
-    for path in written:
-        if path.suffix != ".safetensors":
-            continue
-        info = read_export_info(path)
-        graph = workflow(loaders[info.format], path.name, base_checkpoint=base_checkpoint_name(cfg.model.base),
-                         steps=info.num_inference_steps, prediction_type=info.prediction_type,
-                         prompt=card_prompts(cfg)[0], width=cfg.data.resolution, height=cfg.data.resolution)
-        paths.append(write_text_atomic(workflow_path(path), json.dumps(graph, indent=2) + "\n"))
-    return paths
-
-
-def card_prompts(cfg: Config) -> list[str]:
-    """The run's validation prompts; the digits prompts zero..nine when it names none."""
-    if cfg.validation.prompts:
-        return list(cfg.validation.prompts)
-    from train.validation import DIGIT_PROMPTS
-
-    return list(DIGIT_PROMPTS)
 
 
 def _export_weights(run_dir: Path, cfg: Config, stage: int) -> list[Path]:

@@ -31,7 +31,6 @@ from train.export import (
     UNET_FORMAT,
     ExportInfo,
     base_folder,
-    card_prompts,
     read_export_info,
 )
 from train.files import write_text_atomic
@@ -52,6 +51,15 @@ LOADERS = {
 }
 
 
+def sample_prompts(cfg: Config) -> list[str]:
+    """The run's validation prompts; the digits prompts zero..nine when it names none."""
+    if cfg.validation.prompts:
+        return list(cfg.validation.prompts)
+    from train.validation import DIGIT_PROMPTS
+
+    return list(DIGIT_PROMPTS)
+
+
 def samples_path(export_dir: Path, cfg: Config, steps: int) -> Path:
     return export_dir / f"{cfg.export.name}_{steps}step_samples.png"
 
@@ -67,7 +75,7 @@ def write_samples(unet_export: Path, cfg: Config) -> Path:
                                       dtype=torch.float16 if cuda else torch.float32)
     # one prompt at a time (a batch of ten 1024 px SDXL decodes is heavy), each from the same seed
     images = [render(pipe, [prompt], info.num_inference_steps, cfg.validation.seed)[0]
-              for prompt in card_prompts(cfg)[:MAX_SAMPLE_PROMPTS]]
+              for prompt in sample_prompts(cfg)[:MAX_SAMPLE_PROMPTS]]
     side = min(images[0].width, MAX_TILE_PX)
     images = [im if im.width == side else im.resize((side, side)) for im in images]
     path = samples_path(unet_export.parent, cfg, info.num_inference_steps)
@@ -271,7 +279,7 @@ def write_model_card(run_dir: Path, cfg: Config) -> Path:
             continue  # a file this framework did not write: listed, not described
     ordered = sorted(infos.values(), key=lambda i: (-i.num_inference_steps, i.format, i.path.name))
     steps = sorted({i.num_inference_steps for i in ordered}, reverse=True)
-    base, prompts = _base_reference(cfg), card_prompts(cfg)
+    base, prompts = _base_reference(cfg), sample_prompts(cfg)
     x0_steps = sorted({i.num_inference_steps for i in ordered if i.prediction_type == "sample"})
     sections = [
         _front_matter(cfg, ordered),
