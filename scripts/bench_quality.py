@@ -46,7 +46,7 @@ from train.digits.metrics import (  # noqa: E402
     score_digits,
 )
 from train.embedded import cache_root, resolve_base  # noqa: E402
-from train.export import read_export_info  # noqa: E402
+from train.export_info import read_export_info  # noqa: E402
 from train.pipeline import load_pipeline  # noqa: E402
 
 STUDENT_STEPS = (8, 4, 2, 1)

@@ -195,9 +195,14 @@ class ExportConfig:
     name: str = "digits_lightning"  # file prefix: <name>_<N>step_unet.safetensors, ...
     dtype: str = "fp16"  # dtype of exported weights
     lora_rank: int = 0  # rank of SVD-extracted LoRAs; 0 = student.lora_rank
+    lora_names: str = "original"  # LoRA module names: original (kohya SDXL: lora_unet_input_blocks_…) | diffusers (lora_unet_down_blocks_…)
+    single_file: bool = True  # also write <name>_<N>step.safetensors: UNet + the base's VAE and text encoders, original SDXL layout
+    workflows: bool = True  # also write a ComfyUI workflow (API format) next to each checkpoint, UNet and LoRA
+    model_card: bool = True  # keep export/README.md (model card) and <name>_<N>step_samples.png up to date
 
     def __post_init__(self):
         _choice("dtype", self.dtype, DTYPES)
+        _choice("lora_names", self.lora_names, ("original", "diffusers"))
         _positive(self, "lora_rank", allow_zero=True)
         if not self.name or "/" in self.name:
             raise ConfigError(f"name: must be a non-empty file prefix without '/', got {self.name!r}")

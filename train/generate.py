@@ -1,10 +1,11 @@
 """Render prompts with an export through the diffusers SDXL pipeline, the code users run.
 
 The export is applied as users apply it (`train.pipeline.load_pipeline`: a UNet through
-`from_config` + `load_state_dict`, a LoRA through `load_lora_weights` + `fuse_lora`, Euler on the
-trailing grid with the export's prediction type); guidance is off, and the step count is the
-one the export was distilled for, read from its metadata (METHOD.md §6). The images are written
-as one grid, prompt-major (`train.validation.save_grid`).
+`from_config` + `load_state_dict`, a LoRA through `load_lora_weights` + `fuse_lora`, a single-file
+checkpoint through `from_single_file(path, config=base)`, Euler on the trailing grid with the
+export's prediction type); guidance is off, and the step count is the one the export was
+distilled for, read from its metadata (METHOD.md §6). The images are written as one grid,
+prompt-major (`train.validation.save_grid`).
 
 Launch: python -m train.generate --base digits:full --export RUN/export/NAME_4step_unet.safetensors \
             --prompt "a handwritten digit seven" [--prompt ...] [--seed 0] [--out grid.png]
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from train.config import ModelConfig
 from train.embedded import resolve_base
-from train.export import LORA_FORMAT, ExportInfo, read_export_info
+from train.export_info import LORA_FORMAT, ExportInfo, read_export_info
 from train.pipeline import load_pipeline
 from train.validation import save_grid
 
@@ -54,7 +55,7 @@ def render(pipe, prompts: list[str], num_steps: int, seed: int, images_per_promp
 
 def to_tensor(images: list[Image.Image]) -> Tensor:
     """PIL RGB images as (N, 3, H, W) floats in [0, 1] (exact: k/255 rounds back to k)."""
-    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
                         for im in images]).float().div(255)
 
 

@@ -3,7 +3,8 @@ with Euler on the trailing grid, optionally with an export of this framework app
 users apply it (METHOD.md §6).
 
 A UNet export loads as the released SDXL-Lightning README shows (`from_config` +
-`load_state_dict`), a LoRA export with `pipe.load_lora_weights(path); pipe.fuse_lora()`; the
+`load_state_dict`), a LoRA export with `pipe.load_lora_weights(path); pipe.fuse_lora()`, a
+single-file checkpoint with `from_single_file(path, config=base)` (train/single_file.py); the
 scheduler takes the export's prediction type and timestep spacing from its metadata.
 `python -m train.generate`, the sweep's and the benchmark's evaluations all load through here,
 so every number is measured on the code path users run.
@@ -15,7 +16,8 @@ import os
 
 import torch
 
-from train.export import LORA_FORMAT, UNET_FORMAT, read_export_info
+from train.export_info import CHECKPOINT_FORMAT, LORA_FORMAT, UNET_FORMAT, read_export_info
+from train.single_file import load_single_file_pipeline
 
 
 def load_pipeline(base_dir: str | os.PathLike, export_path: str | os.PathLike | None = None, *,
@@ -46,6 +48,8 @@ def load_pipeline(base_dir: str | os.PathLike, export_path: str | os.PathLike | 
             pipe = StableDiffusionXLPipeline.from_pretrained(base_dir, torch_dtype=dtype, add_watermarker=False)
             pipe.load_lora_weights(str(export_path))
             pipe.fuse_lora()
+        elif info.format == CHECKPOINT_FORMAT:  # from_single_file, the base folder as its config
+            pipe = load_single_file_pipeline(export_path, base_dir, dtype)
         else:
             raise ValueError(f"{export_path}: unknown export format {info.format!r}")
     if prediction_type is not None:

@@ -33,8 +33,10 @@ from distill.testing import sdxl_unet_on_meta
 from train.config import config_to_dict, config_to_yaml, load_config
 from train.digits.builder import ensure_digits_model
 from train.digits.data import TIME_IDS
-from train.export import LORA_FORMAT, UNET_FORMAT, export_stage, main, read_export_info
+from train.export import export_stage, main
+from train.export_info import LORA_FORMAT, UNET_FORMAT, read_export_info
 from train.models import load_base, load_student, plain_state_dict, save_student
+from train.sdxl_layout import lora_file_names
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a handwritten digit seven", "a handwritten digit two"]
@@ -42,6 +44,8 @@ LATENT_TOL = 1e-4  # max abs latent difference, fp32 export vs reference sampler
 # Stages of configs/tiny.yaml (student steps 32, 8, 4, 2, 1) and the final each gets here.
 FULL, ADAPTER, LOW_RANK, X0 = 1, 2, 3, 4  # 8step full, 4step LoRA track, 2step low-rank, 1step x0
 LOW_RANK_R = 2  # rank of the exact delta of the 2-step final (< export rank 4)
+# UNets, LoRAs and reports only: single files, workflows and the card have their own tests
+WEIGHTS_ONLY = ("export.single_file=false", "export.workflows=false", "export.model_card=false")
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +83,7 @@ def make_run(root: Path, digits_dir: Path, stages=(FULL, ADAPTER, LOW_RANK, X0),
     """A run directory with config.yaml (configs/tiny.yaml) and the given stage finals."""
     cache = digits_dir.parent
     cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      [f"output_dir={root}", f"model.cache_dir={cache}", *overrides])
+                      [f"output_dir={root}", f"model.cache_dir={cache}", *WEIGHTS_ONLY, *overrides])
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(config_to_yaml(cfg))
     for stage in stages:
@@ -210,8 +214,9 @@ def test_adapter_lora_with_alpha_not_rank_loads_at_the_right_strength(run, base,
     # the same file with alpha overwritten by the rank (alpha dropped) is measurably off
     tensors = load_file(path)
     module = "down_blocks.0.resnets.0.conv1"
-    layer = LoraLayer(tensors[f"{kohya_name(module)}.lora_down.weight"],
-                      tensors[f"{kohya_name(module)}.lora_up.weight"], float(cfg.student.lora_rank))
+    name = kohya_name(lora_file_names(base.unet, [module])[module])  # original SDXL name
+    layer = LoraLayer(tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"],
+                      float(cfg.student.lora_rank))
     wrong = base.unet.state_dict()[f"{module}.weight"] + layer.delta()
     assert (wrong - expected[f"{module}.weight"]).abs().max() > 1e-4
 
@@ -269,10 +274,24 @@ def test_metadata(run):
 def test_kohya_tensor_layout(run):
     tensors = load_file(_export(run, ADAPTER, "_4step_lora.safetensors"))
     assert all(k.startswith("lora_unet_") for k in tensors)
-    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    conv = "lora_unet_input_blocks_1_0_in_layers_2"  # original SDXL name of down_blocks.0.resnets.0.conv1
     assert tensors[f"{conv}.lora_down.weight"].shape[1:] == (32, 3, 3)  # (r, in, kh, kw)
     assert tensors[f"{conv}.lora_up.weight"].shape[1:] == (4, 1, 1)  # (out, r, 1, 1)
     assert tensors[f"{conv}.alpha"].shape == () and float(tensors[f"{conv}.alpha"]) == 8.0
+
+
+def test_diffusers_lora_names_stay_available(tmp_path, digits_dir, base):
+    """export.lora_names=diffusers writes the diffusers module paths, which diffusers loads too."""
+    cfg = make_run(tmp_path, digits_dir, stages=(ADAPTER,), overrides=["export.lora_names=diffusers"])
+    path = next(p for p in export_stage(tmp_path, cfg, ADAPTER) if p.name.endswith("_lora.safetensors"))
+    tensors = load_file(path)
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in tensors
+    assert not any("input_blocks" in k for k in tensors)
+    assert read_export_info(path).lora_names == "diffusers"
+    fused = plain_state_dict(_lora_pipeline(digits_dir, path).unet)
+    merged, _ = load_student(_final((tmp_path, cfg, None), ADAPTER), base, fold_lora=True)
+    for key, value in plain_state_dict(merged).items():
+        torch.testing.assert_close(fused[key], value, rtol=0, atol=1e-6)
 
 
 def test_cli_exports_selected_stages_in_another_dtype(tmp_path, digits_dir):

@@ -14,7 +14,8 @@ from PIL import Image
 
 from train.config import config_to_yaml, load_config
 from train.digits.builder import ensure_digits_model
-from train.export import export_stage, read_export_info
+from train.export import export_stage
+from train.export_info import read_export_info
 from train.generate import choose_steps, main
 from train.models import save_student
 from train.pipeline import load_pipeline
