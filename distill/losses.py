@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from distill.conditioning import Conditioning
-from distill.schedule import NoiseSchedule, eps_to_x0
 from distill.student import Student, unet_output
+from distill.teacher import Teacher
 
 # --------------------------------------------------------------------------- distillation
 
@@ -31,19 +31,20 @@ def mse_loss(x_hat: Tensor, x_target: Tensor) -> Tensor:
     return (x_hat.float() - x_target.float()).square().mean()
 
 
-def x0_conversion_loss(student: Student, frozen_eps_unet: nn.Module, schedule: NoiseSchedule,
-                       x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+def x0_conversion_loss(student: Student, reference: Teacher, x_t: Tensor, t: Tensor,
+                       cond: Conditioning) -> Tensor:
     """L = mean ||f_student(x_t, t, c) − x0(x_t, eps_ref, t)||² (METHOD.md §3 x0_convert).
 
-    eps_ref = f_frozen(x_t, t, c) from the frozen epsilon copy, without gradients: the student
-    learns to output directly the clean sample the epsilon model implies, so the 1-step stage
-    starts from an x0 model that agrees with its epsilon ancestor.
+    eps_ref comes from the frozen epsilon model, `reference` (the phase's teacher), without
+    gradients: the student learns to output directly the clean sample the epsilon model
+    implies, so the 1-step stage starts from an x0 model that agrees with its epsilon
+    ancestor. Going through `Teacher.predict` matters for a LoRA student: its teacher is the
+    student's own UNet with the adapter disabled, and calling that UNet directly would read
+    the live adapter as the "frozen" reference.
     """
     if student.prediction_type != "sample":
         raise ValueError("x0 conversion trains an x0 student: call switch_to_x0 first")
-    with torch.no_grad():
-        eps_ref = unet_output(frozen_eps_unet, x_t, t, cond)
-        x0_ref = eps_to_x0(schedule, x_t, eps_ref, t)
+    x0_ref = reference.predict(x_t, t, cond).x0  # no_grad inside
     return mse_loss(unet_output(student.unet, x_t, t, cond), x0_ref)
 
 

@@ -132,8 +132,7 @@ def x0_convert_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint, 
                     ctx: StepContext) -> StepOutcome:
     """METHOD.md §3 "x0_convert": the student learns x0(x_t, eps_frozen, t) directly."""
     with ctx.accelerator.autocast():
-        loss = x0_conversion_loss(models.student, models.teacher.unet, models.schedule, point.x_t,
-                                  point.t, cond)
+        loss = x0_conversion_loss(models.student, models.teacher, point.x_t, point.t, cond)
     loss = _poisoned(loss, ctx)
     ok, norm = ctx.update(loss, models.optimizer_g, models.params_g)
     return StepOutcome({"loss_x0": float(loss.detach()), "grad_norm": norm}, ok)
@@ -179,7 +178,8 @@ def adversarial_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint,
     d_raw: Discriminator = accelerator.unwrap_model(discriminator)
     judged, x_hat, x_target = judged_samples(plan, models, point, cond, ctx)
     context = None
-    if plan.conditional:
+    trains_context = plan.conditional and d_cfg.backbone_trainable
+    if plan.conditional and not trains_context:
         # x_t's features are the same for real and fake: computed once per step. Without a
         # trainable backbone they do not change in the D update either, so G reuses them.
         with torch.no_grad(), accelerator.autocast():
@@ -188,6 +188,10 @@ def adversarial_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint,
     real = judged.real.detach()
     for _ in range(d_cfg.d_steps_per_g_step):
         with accelerator.autocast():
+            if trains_context:
+                # A trainable backbone learns from both of its inputs in the D step: x_t's
+                # features with gradient too (under no_grad it learned only from x_t').
+                context = d_raw.encode(point.x_t, point.t, cond)
             both = torch.cat([real, judged.fake.detach()])
             if d_cfg.r1_weight > 0:
                 both.requires_grad_(True)
@@ -201,7 +205,7 @@ def adversarial_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint,
         ok_d, _ = ctx.update(loss_d, models.optimizer_d, models.params_d)
         metrics.update(loss_d=float(loss_d.detach()), d_acc_real=float(d_loss.real_accuracy),
                        d_acc_fake=float(d_loss.fake_accuracy), d_ok=float(ok_d))
-    if plan.conditional and d_cfg.backbone_trainable:
+    if trains_context:  # the D update changed the backbone: G sees x_t's current features
         with torch.no_grad(), accelerator.autocast():
             context = d_raw.encode(point.x_t, point.t, cond)
     d_raw.requires_grad_(False)

@@ -22,6 +22,7 @@ from distill.lora import (
 from distill.losses import mse_loss, x0_conversion_loss
 from distill.schedule import CLEAN, NoiseSchedule, eps_to_x0
 from distill.student import Student, switch_to_x0, trainable_parameters
+from distill.teacher import Teacher
 from distill.testing import random_conditioning, sdxl_unet_on_meta, tiny_unet
 
 # The module-name suffixes of diffusers' LCM-LoRA SDXL script (train_lcm_distill_lora_sdxl.py),
@@ -252,10 +253,10 @@ def test_x0_conversion_loss(schedule):
     t = torch.tensor([999, 249])
 
     exact = switch_to_x0(Student(_X0Rewrite(copy.deepcopy(frozen).requires_grad_(True), schedule)))
-    assert x0_conversion_loss(exact, frozen, schedule, x_t, t, cond).item() < 1e-10
+    assert x0_conversion_loss(exact, Teacher(frozen, schedule), x_t, t, cond).item() < 1e-10
 
     student = switch_to_x0(Student(tiny_unet(0)))  # eps weights, x0 reading: not converted yet
-    loss = x0_conversion_loss(student, frozen, schedule, x_t, t, cond)
+    loss = x0_conversion_loss(student, Teacher(frozen, schedule), x_t, t, cond)
     assert loss.item() > 1e-2
     loss.backward()
     assert all(p.grad is not None for p in student.unet.parameters() if p.requires_grad)
@@ -263,10 +264,10 @@ def test_x0_conversion_loss(schedule):
     assert all(p.grad is None for p in frozen.parameters())
     # Even a trainable frozen copy receives nothing: eps_ref is computed under no_grad.
     frozen.requires_grad_(True)
-    x0_conversion_loss(student, frozen, schedule, x_t, t, cond).backward()
+    x0_conversion_loss(student, Teacher(frozen, schedule), x_t, t, cond).backward()
     assert all(p.grad is None for p in frozen.parameters())
     with pytest.raises(ValueError):
-        x0_conversion_loss(Student(tiny_unet(0)), frozen, schedule, x_t, t, cond)
+        x0_conversion_loss(Student(tiny_unet(0)), Teacher(frozen, schedule), x_t, t, cond)
 
 
 def test_mse_loss_closed_form():
