@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,14 @@ from distill.student import Student, switch_to_x0, trainable_parameters
 from distill.teacher import Teacher
 from train.config import Config, DiscriminatorConfig, OptimConfig
 from train.layout import RunLayout
-from train.models import BaseModel, load_student, read_student, torch_dtype
+from train.models import (
+    BaseModel,
+    load_discriminator_state,
+    load_student,
+    read_discriminator_state,
+    read_student,
+    torch_dtype,
+)
 from train.text import latent_size
 
 
@@ -101,6 +108,7 @@ class PhaseModels:
     optimizer_d: torch.optim.Optimizer | None = None
     params_d: list | None = None
     ema: EMA | None = None
+    discriminator_carried: dict = field(default_factory=dict)  # the stage's D state at phase start
 
     def set_lr_factor(self, factor: float) -> None:
         for group in self.optimizer_g.param_groups:
@@ -154,11 +162,14 @@ def build_teacher(plan: PhasePlan, layout: RunLayout, base: BaseModel, student_u
 def build_discriminator(d_cfg: DiscriminatorConfig, plan: PhasePlan, base: BaseModel,
                         resolution: int) -> Discriminator:
     """A fresh discriminator on the base UNet's encoder (METHOD.md §4)."""
-    return Discriminator(base.unet, conditional=plan.conditional, bucket_edges=d_cfg.bucket_edges,
+    disc = Discriminator(base.unet, conditional=plan.conditional, bucket_edges=d_cfg.bucket_edges,
                          multiscale=d_cfg.multiscale, backbone_trainable=d_cfg.backbone_trainable,
                          head_channels=d_cfg.head_channels or None,
                          latent_size=latent_size(base.vae, resolution),
                          share_weights=not d_cfg.backbone_trainable)
+    if d_cfg.gradient_checkpointing:
+        disc.backbone.enable_gradient_checkpointing()
+    return disc
 
 
 # ----------------------------------------------------------------------------- one phase
@@ -184,6 +195,12 @@ def build_phase_models(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], lay
         models.params_d = disc.trainable_parameters()
         opt_d = torch.optim.AdamW(models.params_d, lr=lr.discriminator,
                                   betas=tuple(cfg.optim.betas_adv), weight_decay=0.0)
+        if cfg.discriminator.reinit == "stage":
+            # METHOD.md §4: one discriminator per stage. What the stage's earlier adversarial
+            # phases trained (heads of this form, a trainable backbone) continues here with
+            # its Adam moments; only the objective changes (across the merge too).
+            models.discriminator_carried = read_discriminator_state(layout.discriminator_source(plan, plans))
+            load_discriminator_state(disc, opt_d, models.discriminator_carried)
         models.discriminator, models.optimizer_d = accelerator.prepare(disc, opt_d)
     if cfg.student.ema_decay > 0:
         models.ema = EMA(params_g, cfg.student.ema_decay)

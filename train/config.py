@@ -23,6 +23,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 DTYPES = ("fp16", "bf16", "fp32")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction", "sample")
 D_LOSSES = ("nonsaturating", "hinge")
+D_REINIT = ("stage", "phase")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -85,9 +86,12 @@ class DiscriminatorConfig:
     renoise_late_weights: list[float] = field(default_factory=lambda: [5.0, 1.0, 1.0, 1.0])  # t* weights later
     renoise_switch_step: int = 1000  # step within a phase at which the late weights take over
     d_steps_per_g_step: int = 1  # discriminator updates per student update
+    reinit: str = "stage"  # stage: fresh per stage, heads/trainable backbone/Adam state carry across its phases (METHOD.md §4) | phase: fresh every phase
+    gradient_checkpointing: bool = False  # recompute a trainable backbone's activations in backward
 
     def __post_init__(self):
         _choice("loss", self.loss, D_LOSSES)
+        _choice("reinit", self.reinit, D_REINIT)
         _positive(self, "r1_weight", "mse_weight", "head_channels", "renoise_switch_step", allow_zero=True)
         _positive(self, "d_steps_per_g_step")
         if list(self.bucket_edges) != sorted(set(self.bucket_edges)) or any(

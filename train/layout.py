@@ -82,6 +82,16 @@ class RunLayout:
             return self.phase_final(plans[plan.index - 1])
         return None if plan.stage == 0 else self.stage_final(plan.stage - 1)
 
+    def discriminator_source(self, plan: PhasePlan, plans: Sequence[PhasePlan]) -> Path | None:
+        """The final of the latest earlier adversarial phase of the same stage: its saved
+        discriminator carries into this phase (METHOD.md §4, re-initialised per stage)."""
+        for earlier in reversed(plans[: plan.index]):
+            if earlier.stage != plan.stage:
+                return None
+            if earlier.adversarial:
+                return self.phase_final(earlier)
+        return None
+
     def teacher_source(self, plan: PhasePlan) -> Path | None:
         """The teacher's weights: a stage final, or None for the original base."""
         return None if plan.teacher.stage == BASE else self.stage_final(plan.teacher.stage)

@@ -43,6 +43,7 @@ from train.files import write_text_atomic
 from train.layout import RunLayout
 from train.models import (
     BaseModel,
+    discriminator_state,
     is_complete,
     link_or_copy,
     load_base,
@@ -246,8 +247,13 @@ def _publish_phase_final(ctx: _Run, plan: PhasePlan, models: PhaseModels) -> Non
         models.ema.copy_to_params()
     _check_ranks_agree(ctx, final_unet, plan, phase_start_step(ctx.plans, plan.index) + plan.steps)
     if acc.is_main_process:
+        disc_state = None
+        if models.discriminator is not None and ctx.cfg.discriminator.reinit == "stage":
+            disc_state = discriminator_state(acc.unwrap_model(models.discriminator), models.optimizer_d,
+                                             models.discriminator_carried)
         save_student(final_unet, models.student.prediction_type, ctx.layout.phase_final(plan),
-                     origin=f"{plan.stage_name}/{plan.name} after {plan.steps} steps")
+                     origin=f"{plan.stage_name}/{plan.name} after {plan.steps} steps",
+                     discriminator=disc_state)
     acc.wait_for_everyone()
     if acc.is_main_process:
         remove_checkpoints(ctx.layout.phase_dir(plan))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
+from discriminator.model import Discriminator
 from distill.lora import (
     add_lora,
     has_lora,
@@ -34,6 +36,8 @@ from train.files import atomic_dir
 from train.text import TextEncoders, load_text_encoders
 
 STUDENT_FILE = "student.json"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 # Config dtype names → torch dtypes ("no" is runtime.mixed_precision's "off": fp32 compute).
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
@@ -92,10 +96,16 @@ class SavedStudent:
     lora_alpha: float
 
 
-def save_student(unet: UNet2DConditionModel, prediction_type: str, path: Path, origin: str) -> None:
-    """Write a student atomically (temp dir + rename). Call on the main process only."""
+def save_student(unet: UNet2DConditionModel, prediction_type: str, path: Path, origin: str,
+                 discriminator: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write a student atomically (temp dir + rename). Call on the main process only.
+
+    discriminator: the stage's discriminator state after this phase (`discriminator_state`),
+    saved beside the student so the stage's next adversarial phase continues it."""
     with atomic_dir(path) as tmp:
         save_file(plain_state_dict(unet), tmp / "unet.safetensors")
+        if discriminator:
+            save_file(dict(discriminator), tmp / DISCRIMINATOR_FILE)
         meta = {"prediction_type": prediction_type, "origin": origin, "lora": None}
         if has_lora(unet):
             settings = lora_settings(unet)
@@ -137,3 +147,62 @@ def link_or_copy(src: Path, dst: Path) -> None:
                 os.link(f, tmp / f.name)
             except OSError:
                 shutil.copy2(f, tmp / f.name)
+
+
+# ----------------------------------------------------------------------------- discriminator state
+
+
+def _stage_key(name: str, conditional: bool) -> str:
+    """A discriminator parameter's key in the stage state: heads are kept per form (the
+    conditional heads read twice the channels), the backbone is shared by both forms."""
+    if name.startswith("heads."):
+        return f"heads.{'conditional' if conditional else 'unconditional'}.{name[len('heads.'):]}"
+    return name
+
+
+def discriminator_state(disc: Discriminator, optimizer: torch.optim.Optimizer,
+                        carried: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stage's discriminator after this phase: what earlier phases carried (e.g. the other
+    form's heads), updated with this phase's trainable parameters and their Adam moments."""
+    state = dict(carried)
+    adam = getattr(optimizer, "optimizer", optimizer).state  # accelerate wraps the optimizer
+    trainable = {id(p) for p in disc.trainable_parameters()}
+    for name, param in disc.named_parameters():
+        if id(param) not in trainable:
+            continue  # a frozen backbone is the base's: nothing to carry
+        key = _stage_key(name, disc.conditional)
+        state[key] = param.detach().cpu().float().contiguous()
+        for field_name in ADAM_STATE:
+            if field_name in adam.get(param, {}):
+                state[f"adam.{key}.{field_name}"] = adam[param][field_name].detach().cpu().float().reshape(-1)
+    return state
+
+
+def read_discriminator_state(final: Path | None) -> dict[str, torch.Tensor]:
+    """The discriminator state saved with a phase final ({} when there is none)."""
+    if final is None or not (final / DISCRIMINATOR_FILE).is_file():
+        return {}
+    return load_file(final / DISCRIMINATOR_FILE)
+
+
+def load_discriminator_state(disc: Discriminator, optimizer: torch.optim.Optimizer,
+                             state: Mapping[str, torch.Tensor]) -> int:
+    """Continue a stage's discriminator: its trainable parameters that the state holds take the
+    saved weights and Adam moments (call before accelerate prepares the optimizer). Returns how
+    many parameters were carried."""
+    trainable = {id(p) for p in disc.trainable_parameters()}
+    carried = 0
+    for name, param in disc.named_parameters():
+        key = _stage_key(name, disc.conditional)
+        if key not in state or id(param) not in trainable:
+            continue
+        with torch.no_grad():
+            param.copy_(state[key].to(param.device, param.dtype))
+        moments = {f: state[f"adam.{key}.{f}"] for f in ADAM_STATE if f"adam.{key}.{f}" in state}
+        if len(moments) == len(ADAM_STATE):
+            optimizer.state[param] = {
+                "step": moments["step"].reshape(()).clone(),
+                "exp_avg": moments["exp_avg"].reshape(param.shape).to(param.device).clone(),
+                "exp_avg_sq": moments["exp_avg_sq"].reshape(param.shape).to(param.device).clone()}
+        carried += 1
+    return carried

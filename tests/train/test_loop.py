@@ -177,3 +177,25 @@ def test_accelerate_two_processes_agree(digits_cache, tmp_path):
         assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=1e-12)
     assert torch.isfinite(torch.stack([v.float().sum() for v in
                                        load_file(out / "stages/2step/final/unet.safetensors").values()])).all()
+
+
+def test_discriminator_carries_across_the_stage_and_restarts_per_stage(tiny_run):
+    """METHOD.md §4 (#10): one discriminator per stage. The unconditional heads trained in the
+    LoRA phase continue, with their Adam moments, in the full-UNet phase after the merge; the
+    conditional heads are kept beside them; the next stage starts fresh."""
+    stage = tiny_run / "stages/8step"
+    cond = load_file(stage / "0_adv_conditional/final/discriminator.safetensors")
+    lora_uncond = load_file(stage / "1_adv_unconditional/final/discriminator.safetensors")
+    full_uncond = load_file(stage / "3_adv_unconditional/final/discriminator.safetensors")
+    assert cond and all(k.startswith(("heads.conditional.", "adam.heads.conditional.")) for k in cond)
+    uncond_steps = [k for k in full_uncond if k.startswith("adam.heads.unconditional.") and k.endswith(".step")]
+    assert uncond_steps
+    # 2 steps in each of the two unconditional phases (configs/tiny.yaml): the moments carried
+    assert {float(lora_uncond[k]) for k in uncond_steps} == {2.0}
+    assert {float(full_uncond[k]) for k in uncond_steps} == {4.0}
+    # the conditional heads ride along unchanged; the unconditional ones trained on
+    assert all(torch.equal(cond[k], full_uncond[k]) for k in cond)
+    assert any(not torch.equal(lora_uncond[k], full_uncond[k]) for k in lora_uncond if k.startswith("heads."))
+    # the next stage's first adversarial phase starts from fresh heads: Adam at step 2, not 4+
+    next_cond = load_file(tiny_run / "stages/4step/0_adv_conditional/final/discriminator.safetensors")
+    assert {float(v) for k, v in next_cond.items() if k.endswith(".step")} == {2.0}
