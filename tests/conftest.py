@@ -52,6 +52,46 @@ def digits_cache(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def digits_dir(digits_cache) -> Path:
+    """The tiny digits model folder of the session's shared cache."""
+    from train.digits.builder import ensure_digits_model
+
+    return Path(ensure_digits_model(digits_cache, "tiny"))
+
+
+FOUR_STEP, ONE_STEP_X0 = 2, 4  # stages of configs/tiny.yaml
+
+
+def export_tiny_finals(root: Path, digits_dir: Path, overrides: list[str], origin: str):
+    """configs/tiny.yaml's 4-step stage as a LoRA-track final (the digits UNet + a random LoRA)
+    and its 1-step stage as an x0 final (the plain UNet), both exported into root/export.
+    Returns the config. No training runs: exports only need finals on disk."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from distill.lora import add_lora
+    from train.config import config_to_yaml, load_config
+    from train.export import export_stage
+    from train.models import save_student
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      [f"output_dir={root}", f"model.cache_dir={digits_dir.parent}", *overrides])
+    (root / "config.yaml").write_text(config_to_yaml(cfg))
+    for stage, prediction_type in ((FOUR_STEP, "epsilon"), (ONE_STEP_X0, "sample")):
+        unet = UNet2DConditionModel.from_pretrained(digits_dir, subfolder="unet")
+        if stage == FOUR_STEP:
+            add_lora(unet, cfg.student.lora_rank, cfg.student.lora_alpha)
+            with torch.no_grad():
+                for name, p in unet.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.01)
+        final = root / "stages" / f"{cfg.stages[stage].student_steps}step" / "final"
+        save_student(unet, prediction_type, final, origin=origin)
+        export_stage(root, cfg, stage)
+    return cfg
+
+
 # A two-stage recipe: an MSE stage, then an adversarial LoRA → merge → full stage; long enough
 # in its first adversarial phase (8 steps) to be interrupted inside it.
 SHORT_RECIPE = """stages:

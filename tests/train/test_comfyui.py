@@ -11,44 +11,19 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from diffusers import UNet2DConditionModel
+from conftest import export_tiny_finals
 
-from distill.lora import add_lora
 from train.comfyui import NODES, base_checkpoint_name, validate, workflow
-from train.config import config_to_yaml, load_config
-from train.digits.builder import ensure_digits_model
-from train.export import export_stage
 from train.export_info import read_export_info
-from train.models import save_student
 
 REPO = Path(__file__).resolve().parents[2]
-FOUR_STEP, ONE_STEP_X0 = 2, 4  # stages of configs/tiny.yaml
-
-
-@pytest.fixture(scope="session")
-def digits_dir(digits_cache) -> Path:
-    return Path(ensure_digits_model(digits_cache, "tiny"))
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory, digits_dir) -> Path:
     """A 4-step LoRA-track final (UNet, checkpoint, LoRA) and a 1-step x0 final, exported."""
     root = tmp_path_factory.mktemp("run")
-    cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      [f"output_dir={root}", f"model.cache_dir={digits_dir.parent}", "export.model_card=false"])
-    (root / "config.yaml").write_text(config_to_yaml(cfg))
-    for stage, prediction_type in ((FOUR_STEP, "epsilon"), (ONE_STEP_X0, "sample")):
-        unet = UNet2DConditionModel.from_pretrained(digits_dir, subfolder="unet")
-        if stage == FOUR_STEP:
-            add_lora(unet, cfg.student.lora_rank, cfg.student.lora_alpha)
-            with torch.no_grad():
-                for name, p in unet.named_parameters():
-                    if "lora_B" in name:
-                        p.normal_(0, 0.01)
-        final = root / "stages" / f"{cfg.stages[stage].student_steps}step" / "final"
-        save_student(unet, prediction_type, final, origin="tests/train/test_comfyui.py")
-        export_stage(root, cfg, stage)
+    export_tiny_finals(root, digits_dir, ["export.model_card=false"], origin="tests/train/test_comfyui.py")
     return root / "export"
 
 

@@ -31,7 +31,6 @@ from distill.lora import (
 from distill.sampling import decode_latents, sample
 from distill.testing import sdxl_unet_on_meta
 from train.config import config_to_dict, config_to_yaml, load_config
-from train.digits.builder import ensure_digits_model
 from train.digits.data import TIME_IDS
 from train.export import export_stage, main
 from train.export_info import LORA_FORMAT, UNET_FORMAT, read_export_info
@@ -46,12 +45,6 @@ FULL, ADAPTER, LOW_RANK, X0 = 1, 2, 3, 4  # 8step full, 4step LoRA track, 2step 
 LOW_RANK_R = 2  # rank of the exact delta of the 2-step final (< export rank 4)
 # UNets, LoRAs and reports only: single files, workflows and the card have their own tests
 WEIGHTS_ONLY = ("export.single_file=false", "export.workflows=false", "export.model_card=false")
-
-
-@pytest.fixture(scope="session")
-def digits_dir(digits_cache) -> Path:
-    """The tiny digits model of the session's shared cache (tests/conftest.py)."""
-    return Path(ensure_digits_model(digits_cache, "tiny"))
 
 
 def _base_unet(digits_dir: Path) -> UNet2DConditionModel:

@@ -13,7 +13,6 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from train.config import config_to_yaml, load_config
-from train.digits.builder import ensure_digits_model
 from train.export import export_stage
 from train.export_info import read_export_info
 from train.generate import choose_steps, main
@@ -22,12 +21,6 @@ from train.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE = 3  # configs/tiny.yaml's 2-step stage
-
-
-@pytest.fixture(scope="session")
-def digits_dir(digits_cache) -> Path:
-    """The tiny digits model of the session's shared cache (tests/conftest.py)."""
-    return Path(ensure_digits_model(digits_cache, "tiny"))
 
 
 @pytest.fixture(scope="module")

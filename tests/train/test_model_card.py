@@ -12,48 +12,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from diffusers import UNet2DConditionModel
+from conftest import export_tiny_finals
 from PIL import Image
 
-from distill.lora import add_lora
-from train.config import config_to_yaml, load_config
-from train.digits.builder import ensure_digits_model
 from train.digits.data import DIGIT_PROMPTS
-from train.export import export_stage, main
+from train.export import main
 from train.generate import render
 from train.model_card import base_card_metadata, hub_id
-from train.models import save_student
 from train.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
-FOUR_STEP, ONE_STEP_X0 = 2, 4  # stages of configs/tiny.yaml
-
-
-@pytest.fixture(scope="session")
-def digits_dir(digits_cache) -> Path:
-    return Path(ensure_digits_model(digits_cache, "tiny"))
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, digits_dir):
     """A 4-step LoRA-track final and a 1-step x0 final exported with everything, fp16."""
     root = tmp_path_factory.mktemp("run")
-    cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      [f"output_dir={root}", f"model.cache_dir={digits_dir.parent}", "export.dtype=fp16"])
-    (root / "config.yaml").write_text(config_to_yaml(cfg))
-    for stage, prediction_type in ((FOUR_STEP, "epsilon"), (ONE_STEP_X0, "sample")):
-        unet = UNet2DConditionModel.from_pretrained(digits_dir, subfolder="unet")
-        if stage == FOUR_STEP:
-            add_lora(unet, cfg.student.lora_rank, cfg.student.lora_alpha)
-            with torch.no_grad():
-                for name, p in unet.named_parameters():
-                    if "lora_B" in name:
-                        p.normal_(0, 0.01)
-        final = root / "stages" / f"{cfg.stages[stage].student_steps}step" / "final"
-        save_student(unet, prediction_type, final, origin="tests/train/test_model_card.py")
-        export_stage(root, cfg, stage)
+    cfg = export_tiny_finals(root, digits_dir, ["export.dtype=fp16"], origin="tests/train/test_model_card.py")
     return root, cfg
 
 

@@ -22,15 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from distill.lora import LoraLayer, fold_lora, kohya_name, kohya_state_dict, lora_target_modules
 from distill.testing import SDXL_UNET_CONFIG, sdxl_unet_on_meta
-from train.digits.builder import ensure_digits_model
 from train.sdxl_layout import UNET_PREFIX, lora_file_names, unet_ldm_names, unet_to_ldm
 
 SDXL_LORA_MODULES = 788  # LCM-LoRA targets of SDXL's UNet (conv_in/out and time MLPs excluded)
-
-
-@pytest.fixture(scope="session")
-def digits_dir(digits_cache) -> Path:
-    return Path(ensure_digits_model(digits_cache, "tiny"))
 
 
 @pytest.fixture(scope="module")

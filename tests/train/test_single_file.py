@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FOUR_STEP, ONE_STEP_X0
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
@@ -25,7 +26,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from distill.testing import TINY_UNET_CONFIG
 from train.config import config_to_yaml, load_config
-from train.digits.builder import ensure_digits_model
 from train.export import export_stage
 from train.export_info import CHECKPOINT_FORMAT, read_export_info
 from train.generate import main
@@ -37,12 +37,7 @@ from train.single_file import encoders_share_a_width, single_file_tensors
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a handwritten digit three", "a handwritten digit eight"]
 FP16_IMAGE_TOL = 2e-2  # max |Δ| of [0, 1] images from fp16-rounded VAE/text-encoder weights (~6e-3 here)
-FOUR_STEP, ONE_STEP_X0 = 2, 4  # stages of configs/tiny.yaml
 
-
-@pytest.fixture(scope="session")
-def digits_dir(digits_cache) -> Path:
-    return Path(ensure_digits_model(digits_cache, "tiny"))
 
 
 @pytest.fixture(scope="module")
