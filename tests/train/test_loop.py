@@ -97,6 +97,22 @@ def test_exports_written_per_stage(tiny_run):
     names = sorted(p.name for p in (tiny_run / "export").glob("*.safetensors"))
     assert "tiny_lightning_4step_unet.safetensors" in names
     assert "tiny_lightning_1step_unet_x0.safetensors" in names
+    # #12: every file kind a user's tool loads, for every stage
+    export = tiny_run / "export"
+    for steps in (32, 8, 4, 2):
+        for stem in (f"{steps}step_unet", f"{steps}step_lora", f"{steps}step"):
+            assert (export / f"tiny_lightning_{stem}.safetensors").is_file(), stem
+            assert (export / f"tiny_lightning_{stem}_comfyui.json").is_file(), stem
+        assert (export / f"tiny_lightning_{steps}step_samples.png").is_file()
+        lora = load_file(export / f"tiny_lightning_{steps}step_lora.safetensors")
+        assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+                   for k in lora), "LoRA keys in the original SDXL names"
+    for stem in ("1step_unet_x0", "1step_x0"):
+        assert (export / f"tiny_lightning_{stem}.safetensors").is_file()
+        assert (export / f"tiny_lightning_{stem}_comfyui.json").is_file()
+    card = (export / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: diffusers" in card
+    assert all(f"tiny_lightning_{n}step_samples.png" in card for n in (32, 8, 4, 2, 1))
 
 
 def test_rerun_of_finished_run_redoes_nothing(tiny_run, digits_cache):
