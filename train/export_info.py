@@ -100,8 +100,8 @@ def read_export_info(path: str | os.PathLike) -> ExportInfo:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise DamagedFile(f"not a readable safetensors file ({str(err).splitlines()[0][:120]})",
-                          path, REEXPORT) from None
+        raise DamagedFile(f"damaged export: {path.name}: not a readable safetensors file "
+                          f"({str(err).splitlines()[0][:120]})", path, REEXPORT) from None
     missing = [k for k in ("export_format", "num_inference_steps", "prediction_type") if k not in meta]
     if missing:
         raise UserError(f"not a train.export file: no {missing} in its safetensors metadata", path,
@@ -116,7 +116,7 @@ def read_export_info(path: str | os.PathLike) -> ExportInfo:
             lora_alpha=float(meta.get("lora_alpha", 0.0)), lora_names=meta.get("lora_names", ""),
             config=json.loads(meta["config"]) if "config" in meta else None)
     except ValueError as err:
-        raise DamagedFile(f"garbled export metadata ({err})", path, REEXPORT) from None
+        raise DamagedFile(f"damaged export: {path.name}: garbled metadata ({err})", path, REEXPORT) from None
 
 
 def verify_export(path: str | os.PathLike) -> ExportInfo:

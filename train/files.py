@@ -71,6 +71,23 @@ def disk_full_guard(where: Path) -> Iterator[None]:
         raise
 
 
+def make_output_dir(path: Path, key: str, todo: str) -> Path:
+    """Create a folder to write into (and check that it takes a file), or raise a UserError
+    saying why not: a file in the way, a parent that is a file, /proc, no permission."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        if isinstance(err, (FileExistsError, NotADirectoryError)):
+            reason = "a file is in the way" if path.exists() else "a parent is a file, not a folder"
+        raise UserError(f"{key} cannot be used as a folder: {reason}", path, todo) from err
+    return path
+
+
 def set_aside(path: Path) -> Path:
     """Rename a damaged file or folder to `<name>.corrupt` (`.corrupt-2`, ... if taken), so it
     is neither trusted nor lost; returns the new path."""

@@ -25,23 +25,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from train.errors import RunLocked, UserError
+from train.files import make_output_dir
 
 log = logging.getLogger("train")
-
-
-def make_run_dir(root: Path) -> None:
-    """Create output_dir, or say in one line why it cannot be."""
-    try:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        probe = Path(root) / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        if isinstance(err, (FileExistsError, NotADirectoryError)):
-            reason = "a file is in the way" if Path(root).exists() else "a parent is a file, not a folder"
-        raise UserError(f"output_dir cannot be used: {reason}", root,
-                        "set output_dir to a writable folder (e.g. output_dir=runs/NAME)") from err
 
 
 @dataclass
@@ -99,7 +85,7 @@ def claim_run_dir(root: Path, lock_file: Path, accelerator: Accelerator) -> RunL
     error, lock = None, None
     if accelerator.is_main_process:
         try:
-            make_run_dir(root)
+            make_output_dir(root, "output_dir", "set output_dir to a writable folder (e.g. output_dir=runs/NAME)")
             lock = RunLock.acquire(lock_file)
         except UserError as err:
             error = err

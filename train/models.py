@@ -36,7 +36,13 @@ from distill.schedule import NoiseSchedule
 from train.config import ModelConfig
 from train.errors import DamagedFile, Diverged
 from train.files import atomic_dir
-from train.manifest import MANIFEST_FILE, describe_nonfinite, manifest_problems, nonfinite_names
+from train.manifest import (
+    MANIFEST_FILE,
+    describe_nonfinite,
+    manifest_problems,
+    nonfinite_names,
+    safetensors_problem,
+)
 from train.text import TextEncoders, load_text_encoders
 
 STUDENT_FILE = "student.json"
@@ -135,8 +141,12 @@ def is_complete(path: Path) -> bool:
 
 
 def student_problems(path: Path) -> list[str]:
-    """What is wrong with a saved student against its manifest ([] = intact)."""
-    return manifest_problems(path)
+    """What is wrong with a saved student ([] = intact): its manifest first, then whether its
+    weights parse and are finite (a NaN written by a version without the write-time check)."""
+    problems = manifest_problems(path)
+    if problems:
+        return problems
+    return [p for f in sorted(Path(path).glob("*.safetensors")) if (p := safetensors_problem(f))]
 
 
 def load_student_tensors(path: Path) -> tuple[SavedStudent, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
