@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 def _export_run(args: argparse.Namespace) -> list[Path]:
+    if not (args.run_dir / "config.yaml").is_file():
+        raise UserError("not a run directory (no config.yaml)", args.run_dir,
+                        "pass the output_dir of a training run")
     cfg = load_config(args.run_dir / "config.yaml")
     export_cfg = cfg.export
     if args.dtype:

@@ -211,7 +211,7 @@ def test_generate_refuses_nan_weights_without_a_manifest_and_a_missing_file(refe
 
 def test_export_cli_user_errors(reference, tmp_path, capsys):
     status, line = _cli(export_main, [str(tmp_path)], capsys)
-    assert status == 2 and line.startswith("error: config file not found")
+    assert status == 2 and line == f"error: not a run directory (no config.yaml) ({tmp_path}): pass the output_dir of a training run"
     status, line = _cli(export_main, [str(reference.run), "--stages", "16"], capsys)
     assert status == 2 and line.startswith("error: no [16]-step stage in this run's recipe (--stages)")
 
