@@ -243,9 +243,12 @@ class Moment:
     patience_s: float = 10.0
 
 
-def seeded_moments(seed: int, count: int, span_s: tuple[float, float]) -> list[Moment]:
+def seeded_moments(seed: int, count: int, work_s: float) -> list[Moment]:
+    """`count` kill moments: the k-th (from 1) within the first 0.6/k of the work, since each
+    restart resumes further on and has less left to do; kind "time" or "write" at random."""
     rng = random.Random(seed)
-    return [Moment(rng.choice(("time", "write")), rng.uniform(*span_s)) for _ in range(count)]
+    return [Moment(rng.choice(("time", "write")), rng.uniform(0.0, 0.6 * work_s / k))
+            for k in range(1, count + 1)]
 
 
 def wait_for_lock(proc: subprocess.Popen, run: Path, timeout_s: float = 300) -> bool:
@@ -284,5 +287,15 @@ def kill_at(proc: subprocess.Popen, run: Path, moment: Moment) -> str:
 
 
 def _newest_phase(run: Path) -> str:
-    phases = sorted((run / "stages").glob("*/*"), key=lambda p: p.stat().st_mtime) if (run / "stages").is_dir() else []
-    return str(phases[-1].relative_to(run)) if phases else "start-up"
+    """The folder of the newest file under stages/ or export/ (where the run was)."""
+    newest, when = "start-up", 0.0
+    for top in ("stages", "export"):
+        for dirpath, _, filenames in os.walk(run / top):
+            for name in filenames:
+                try:
+                    mtime = os.stat(os.path.join(dirpath, name)).st_mtime
+                except OSError:
+                    continue
+                if mtime > when:
+                    newest, when = os.path.relpath(dirpath, run), mtime
+    return newest
