@@ -45,8 +45,8 @@ class PhaseConfig:
             raise RecipeError(f"steps: a merge phase trains nothing, so steps must be 0, got {self.steps}")
         for name in ("lr", "discriminator_lr"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise RecipeError(f"{name}: must be > 0 or null, got {value}")
+            if value is not None and not 0 < value <= 1:  # also refuses NaN and Inf
+                raise RecipeError(f"{name}: a learning rate must be in (0, 1] or null, got {value}")
 
 
 @dataclass
@@ -68,6 +68,8 @@ class StageConfig:
                 f"teacher_steps: {self.teacher_steps} must be a multiple of student_steps "
                 f"{self.student_steps} so the student's grid lies on the teacher's")
         _check_choice("renoise", self.renoise, RENOISE_MODES)
+        if not 0 <= self.guidance_scale <= 100:  # also refuses NaN and Inf
+            raise RecipeError(f"guidance_scale: must be a finite number in [0, 100], got {self.guidance_scale}")
         if not self.phases:
             raise RecipeError("phases: a stage needs at least one phase")
         for t in self.train_timesteps:

@@ -46,6 +46,7 @@ from train.digits.metrics import (  # noqa: E402
     score_digits,
 )
 from train.embedded import cache_root, resolve_base  # noqa: E402
+from train.errors import add_debug_flag, run_cli  # noqa: E402
 from train.export_info import read_export_info  # noqa: E402
 from train.pipeline import load_pipeline  # noqa: E402
 
@@ -180,6 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-digit", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "docs"))
+    add_debug_flag(p)
     args = p.parse_args(argv)
 
     base_cfg = load_config(args.config, args.override)
@@ -226,4 +228,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict
 
@@ -18,6 +19,8 @@ import torch
 
 from train.digits.builder import SPECS, build_digits_model, ensure_digits_model
 from train.digits.data import read_model_info
+from train.errors import add_debug_flag, run_cli
+from train.files import make_output_dir
 
 
 def main() -> None:
@@ -28,7 +31,11 @@ def main() -> None:
     p.add_argument("--cache-root", default=None, help="cache root (default $DISTILL_CACHE)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads; 1 is much faster on a CPU shared with other jobs")
+    add_debug_flag(p)
     args = p.parse_args()
+    for folder, key in ((args.out, "--out"), (args.cache_root, "--cache-root")):
+        if folder is not None:
+            make_output_dir(folder, key, "choose a writable folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
@@ -42,4 +49,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -25,6 +25,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
 from train.data import image_loader_single_pass, write_latent_shards  # noqa: E402
+from train.embedded import check_base_layout  # noqa: E402
+from train.errors import add_debug_flag, run_cli  # noqa: E402
+from train.files import make_output_dir  # noqa: E402
 from train.text import encode_image_batch, load_text_encoders  # noqa: E402
 
 
@@ -44,11 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="storage dtype of the text embeddings (latents are always float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-workers", type=int, default=0)
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    check_base_layout(Path(args.model))
+    make_output_dir(args.out, "--out", "choose a writable folder for the latent shards")
     # A comma list of paths, unless the commas are inside a brace pattern ("a-{1,2}.tar").
     shards = args.shards if "{" in args.shards else args.shards.split(",")
     text_dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
@@ -80,4 +86,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

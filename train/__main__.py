@@ -5,7 +5,9 @@
 
 Re-running the same command resumes from the newest complete checkpoint in output_dir.
 `--dry-run` prints the resolved config and the expanded recipe, then exits without loading
-any model.
+any model. Problems the user can fix (config, paths, base model, data, damaged files, a full
+disk, a second run on one output_dir) end with one line `error: <what> (<where>): <what to do>`
+and exit status 2; `--debug` (or LIGHTNING_DEBUG=1) adds the traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import argparse
 import sys
 
 from distill.phases import expand_recipe
-from train.config import ConfigError, config_to_yaml, load_config
+from train.config import config_to_yaml, load_config
+from train.errors import add_debug_flag, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,16 +27,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and recipe, then exit")
+    add_debug_flag(parser)
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         print(config_to_yaml(cfg))
         print("# recipe")
@@ -52,4 +52,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

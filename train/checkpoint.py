@@ -9,11 +9,20 @@ accelerate's state (models, optimizers) and the phase's extra tensors (the EMA s
 `extra_state.safetensors`) are the whole state of a run. The EMA is not registered with
 accelerate: its registrations outlive a phase, and a later phase's resume then finds more
 custom objects saved than registered.
+
+Complete is not the same as intact (pitfall 12): `publish` records a manifest of every file's
+size and hash, and `intact_checkpoint` verifies the newest checkpoint against it before a
+resume trusts it. A damaged one (truncated, emptied, garbled, a file missing) is set aside as
+`checkpoint-<step>.corrupt` with a warning, and the next newest is tried; when none is left
+the phase starts over, and the warning says how many steps that costs. A save that runs out
+of space removes its staging folder and raises `DiskFull`; older checkpoints are pruned only
+after the new one is published, so the last complete one stays intact.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from collections.abc import Mapping
@@ -24,8 +33,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from train.files import publish, staging_path
+from train.files import disk_full_guard, publish, set_aside, staging_path
+from train.manifest import manifest_problems
 
+log = logging.getLogger("train")
 COUNTERS_FILE = "counters.json"
 EXTRA_FILE = "extra_state.safetensors"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -40,13 +51,14 @@ class Counters:
 
 
 def complete_checkpoints(phase_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a phase, oldest first."""
+    """Published checkpoints of a phase (complete by construction; not yet verified), oldest
+    first. Staging (`.tmp`) and set-aside (`.corrupt`) folders are not among them."""
     if not phase_dir.is_dir():
         return []
     found = []
     for child in phase_dir.iterdir():
         match = _NAME.match(child.name)
-        if match and (child / COUNTERS_FILE).is_file():
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -56,6 +68,26 @@ def latest_checkpoint(phase_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def intact_checkpoint(phase_dir: Path) -> Path | None:
+    """The newest checkpoint that matches its manifest. Newer damaged ones are set aside with a
+    warning naming the damaged file and the steps the fallback costs. Main process only; the
+    other ranks then take `latest_checkpoint` after a barrier."""
+    found = complete_checkpoints(phase_dir)
+    newest = found[-1][0] if found else 0
+    for step, path in reversed(found):
+        problems = manifest_problems(path)
+        if not problems:
+            if step != newest:
+                log.warning("resuming from %s instead: %d step(s) to redo", path, newest - step)
+            return path
+        log.warning("checkpoint %s is damaged (%s); trying the previous one", path, "; ".join(problems))
+        set_aside(path)
+    if found:
+        log.warning("no intact checkpoint left in %s: the phase starts over (%d step(s) to redo)",
+                    phase_dir, newest)
+    return None
+
+
 def save_checkpoint(accelerator: Accelerator, phase_dir: Path, counters: Counters, keep_last: int,
                     extra: Mapping[str, Tensor] | None = None) -> Path:
     """Save accelerate state on every process, then publish atomically and prune old ones.
@@ -63,17 +95,24 @@ def save_checkpoint(accelerator: Accelerator, phase_dir: Path, counters: Counter
     extra: tensors identical on every rank (the EMA shadow), written by the main process."""
     final = phase_dir / f"checkpoint-{counters.step}"
     tmp = staging_path(final)
+    try:
+        with disk_full_guard(phase_dir):
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                if extra:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, tmp / EXTRA_FILE)
+                (tmp / COUNTERS_FILE).write_text(json.dumps(asdict(counters), indent=2))
+                publish(tmp, final)  # manifest last, then the rename
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; older ones are intact
+        raise
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if extra:
-            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, tmp / EXTRA_FILE)
-        (tmp / COUNTERS_FILE).write_text(json.dumps(asdict(counters), indent=2))
-        publish(tmp, final)
         for _, old in complete_checkpoints(phase_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -2,13 +2,16 @@
 
 Loading order (torchtitan style): the structured schema below → the YAML file → `dotted.key=value`
 overrides → plain, validated dataclasses. Unknown keys and bad values fail here, before any
-model loads, with the dotted key, the value and what is allowed ("did you mean" for near misses).
+model loads, with the dotted key, the value and what is allowed ("did you mean" for near misses);
+numbers must be finite and in range (a NaN learning rate would otherwise pass every `< 0` test
+and fail inside the optimizer). `ConfigError` is a `UserError`: the CLIs print it on one line.
 Each component later receives only its own slice (`cfg.discriminator`, `cfg.data`, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distill.phases import PhaseConfig, RecipeError, StageConfig, did_you_mean, expand_recipe
+from train.errors import UserError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DTYPES = ("fp16", "bf16", "fp32")
@@ -27,8 +31,14 @@ D_REINIT = ("stage", "phase")
 LR_SCHEDULES = ("constant", "cosine")
 
 
-class ConfigError(ValueError):
-    """A config problem, with the dotted key it concerns."""
+FIX_CONFIG = "fix it in the config file or the dotted.key=value override"
+
+
+class ConfigError(UserError, ValueError):
+    """A config problem; `what` starts with the dotted key it concerns, `where` is the file."""
+
+    def __init__(self, what: str, where: object = "", todo: str = FIX_CONFIG):
+        super().__init__(what, where, todo)
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -36,13 +46,28 @@ def _choice(name: str, value, allowed) -> None:
         raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}{did_you_mean(value, allowed)}")
 
 
+def _finite(name: str, value) -> None:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise ConfigError(f"{name}: must be a finite number, got {value}")
+
+
 def _positive(obj, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is None:
             continue
+        _finite(name, value)
         if value < 0 or (value == 0 and not allow_zero):
             raise ConfigError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _learning_rate(obj, *names: str) -> None:
+    _positive(obj, *names)
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value > 1:
+            raise ConfigError(f"{name}: a learning rate must be in (0, 1], got {value}")
 
 
 @dataclass
@@ -99,6 +124,7 @@ class DiscriminatorConfig:
             raise ConfigError(f"bucket_edges: must be strictly increasing timesteps in 1..999, got {self.bucket_edges}")
         for name in ("renoise_weights", "renoise_late_weights"):
             weights = getattr(self, name)
+            _finite(name, list(weights))
             if len(weights) != len(self.renoise_timesteps) or any(w < 0 for w in weights) or sum(weights) <= 0:
                 raise ConfigError(f"{name}: need {len(self.renoise_timesteps)} non-negative weights "
                                   f"(one per renoise_timesteps entry) with a positive sum, got {weights}")
@@ -120,11 +146,12 @@ class OptimConfig:
     lr_schedule: str = "constant"  # constant | cosine (decay to 0 over the phase)
 
     def __post_init__(self):
-        _positive(self, "lr_mse", "lr_adv_lora", "lr_adv_full", "discriminator_lr")
+        _learning_rate(self, "lr_mse", "lr_adv_lora", "lr_adv_full", "discriminator_lr")
         _positive(self, "weight_decay", "max_grad_norm", "warmup_steps", allow_zero=True)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         for name in ("betas_mse", "betas_adv"):
             betas = getattr(self, name)
+            _finite(name, list(betas))
             if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
                 raise ConfigError(f"{name}: need two values in [0, 1), got {betas}")
 
@@ -144,8 +171,9 @@ class DataConfig:
         _positive(self, "resolution", "batch_size")
         _positive(self, "shuffle_buffer", "num_workers", allow_zero=True)
         _choice("vae_dtype", self.vae_dtype, DTYPES)
-        if self.resolution % 8:
-            raise ConfigError(f"resolution: must be a multiple of 8, got {self.resolution}")
+        if self.resolution % 8:  # SDXL's VAE factor; the base's own is checked when it is found
+            raise ConfigError(f"resolution: must be a multiple of 8 (the SDXL VAE's downsampling "
+                              f"factor), got {self.resolution}")
 
 
 @dataclass
@@ -242,13 +270,27 @@ class Config:
 # ----------------------------------------------------------------------------- loading
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Schema → YAML → dotlist overrides → validated dataclasses. Raises ConfigError."""
-    path = Path(path)
+    """Schema → YAML → dotlist overrides → validated dataclasses. Raises ConfigError, whose
+    `where` names the file (and the overrides, when there are some)."""
+    try:
+        return _load_config(Path(path), list(overrides))
+    except ConfigError as err:
+        if err.where:
+            raise
+        where = f"{path}{' with overrides' if overrides else ''}"
+        raise ConfigError(err.what, where, err.todo) from None
+
+
+def _load_config(path: Path, overrides: list[str]) -> Config:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        raise ConfigError("config file not found", path, "give the path of a YAML config, e.g. configs/digits.yaml")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    except Exception as err:  # yaml's scanner and parser errors, undecodable bytes
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"not a readable YAML file: {first}", path, "fix the YAML syntax") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        raise ConfigError("the top level must be a mapping of keys", path)
     _check_keys(Config, raw, "")
     for item in overrides:
         key, sep, _ = item.partition("=")
@@ -347,7 +389,7 @@ def _build(cls, data: dict, prefix: str):
     try:
         return cls(**kwargs)
     except (ConfigError, RecipeError) as err:
-        message = str(err)
+        message = err.what if isinstance(err, ConfigError) else str(err)
         if not message.startswith("stages."):
             message = prefix + message
         raise ConfigError(message) from None

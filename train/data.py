@@ -16,7 +16,12 @@ on (ARCHITECTURE.md pitfall 7). The single-pass reader (`image_loader_single_pas
 deterministic, non-resampled order used to precompute latents.
 
 Bad samples (unreadable shard, corrupt tar, undecodable or truncated image, missing or empty
-caption) are skipped with a warning naming the sample key and counted by reason. The counts
+caption, an aspect ratio beyond 1:16) are skipped with a warning naming the sample key and
+counted by reason; grayscale, palette, RGBA and 16-bit images are converted to 8-bit RGB (16-bit
+scaled, not clipped). Data that yields nothing is a `DataError` (a one-line user error): a
+shard pattern matching no file, too many shards in a row without a sample, too many unusable
+samples in a row. It reaches the training process as an item of the stream, not as an
+exception re-raised by a DataLoader worker (which would carry the worker's traceback). The counts
 live in the process that decodes (a DataLoader worker when num_workers > 0), so every batch
 carries its worker's cumulative counts and `SampleStream.skip_counts` sums the latest counts
 of each worker in the training process. Skips after a worker's last delivered batch are
@@ -46,6 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distill.conditioning import Conditioning
 from train.config import DataConfig
+from train.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +62,9 @@ LATENT_FIELDS = ("latents.npy", "prompt_embeds.npy", "pooled.npy", "time_ids.npy
 # layout): raise instead of warning forever.
 MAX_EMPTY_SHARDS_IN_A_ROW = 100
 MAX_BAD_SAMPLES_IN_A_ROW = 1000
+MAX_ASPECT = 16  # longer / shorter side; beyond it a square crop is a sliver (and resizing costly)
+FIX_DATA = ("check data.train_shards: webdataset tar files in img2dataset layout "
+            "(KEY.jpg|png with KEY.txt captions), or data.latent_shards")
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,13 @@ class SkipCounter:
 B = TypeVar("B", ImageBatch, LatentBatch)
 
 
+@dataclass(frozen=True)
+class _StreamFailure:
+    """A DataError travelling from a DataLoader worker to the training process as data."""
+
+    error: DataError
+
+
 class SampleStream(Generic[B]):
     """Batches from a DataLoader, plus the skip counts summed over its workers.
 
@@ -138,16 +154,29 @@ class SampleStream(Generic[B]):
 
     def __iter__(self) -> Iterator[B]:
         for batch in self._loader:
+            if isinstance(batch, _StreamFailure):
+                raise batch.error
             self._latest[batch.worker] = batch.skip_counts
             yield batch
 
 
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Shard paths from a path, a brace pattern ("dir/train-{000000..000003}.tar") or a list."""
+    """Shard paths from a path, a brace pattern ("dir/train-{000000..000003}.tar") or a list.
+
+    Raises DataError when there are none, or when they are local files and none exists (some
+    missing ones are skipped and counted as unreadable shards)."""
     patterns = [urls] if isinstance(urls, (str, Path)) else list(urls)
     out = [str(u) for p in patterns for u in braceexpand.braceexpand(str(p))]
     if not out:
-        raise ValueError(f"no shards in {urls!r}")
+        raise DataError("no shards given", repr(urls), FIX_DATA)
+    local = [u for u in out if _is_local(u)]
+    if local and len(local) == len(out) and not any(Path(u).is_file() for u in local):
+        shown = out[0] if len(out) == 1 else f"{out[0]} ... {out[-1]}, {len(out)} paths"
+        raise DataError("no shard file exists", shown, FIX_DATA)
     return out
 
 
@@ -199,6 +228,16 @@ class _BatchStream(IterableDataset):
         self.batch_size, self.shuffle_buffer, self.drop_last = batch_size, shuffle_buffer, drop_last
 
     def __iter__(self) -> Iterator:
+        try:
+            yield from self._batches()
+        except DataError as err:
+            yield _StreamFailure(err)
+
+    def _where(self) -> str:
+        urls = self.plan.urls
+        return urls[0] if len(urls) == 1 else f"{urls[0]} ... {urls[-1]}, {len(urls)} shards"
+
+    def _batches(self) -> Iterator:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         counter = SkipCounter()
@@ -210,8 +249,8 @@ class _BatchStream(IterableDataset):
                 counter.shard = (visit, url)
                 empty, last = (empty + 1, last) if raw_samples[0] == last else (0, raw_samples[0])
                 if self.plan.resampled and empty > MAX_EMPTY_SHARDS_IN_A_ROW:
-                    raise RuntimeError(f"{empty} shards in a row held no sample; "
-                                       f"skips so far: {counter.counts}")
+                    raise DataError(f"{empty} shards in a row held no sample (skips so far: "
+                                    f"{counter.counts})", self._where(), FIX_DATA)
                 yield {"url": url}
 
         def counted(samples: Iterable[dict]) -> Iterator[dict]:
@@ -232,8 +271,10 @@ class _BatchStream(IterableDataset):
             if item is None:
                 bad_in_a_row += 1
                 if self.plan.resampled and bad_in_a_row > MAX_BAD_SAMPLES_IN_A_ROW:
-                    raise RuntimeError(f"{bad_in_a_row} samples in a row were unusable; "
-                                       f"skips so far: {counter.counts}")
+                    raise DataError(f"{bad_in_a_row} samples in a row were unusable (skips so far: "
+                                    f"{counter.counts})", self._where(),
+                                    "check the images and captions in the shards (the warnings name "
+                                    "the samples); " + FIX_DATA)
                 continue
             bad_in_a_row = 0
             chunk.append(item)
@@ -259,6 +300,15 @@ def resize_and_crop(image: Image.Image, resolution: int, *, center_crop: bool,
     else:
         top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
     return image.crop((left, top, left + resolution, top + resolution)), top, left
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any decoded mode. PIL's convert("RGB") clips 16-bit grayscale at 255
+    (a 16-bit PNG would come out nearly white): scale those by 1/257 first."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        gray = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.round(gray), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 ORIGINAL_SIZE_SOURCES = ("image", "metadata")
@@ -309,13 +359,16 @@ def _image_decoder(resolution: int, center_crop: bool, original_size: str) -> Ca
         try:
             with Image.open(io.BytesIO(sample[ext])) as raw:
                 raw.load()
-                image = raw.convert("RGB")
+                image = to_rgb8(raw)
             orig_h, orig_w = _original_size(sample.get("json"), image, original_size)
         except UnidentifiedImageError as exn:
             counter.skip("undecodable_image", key, repr(exn))
             return None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exn:
             counter.skip("corrupt_image", key, repr(exn))
+            return None
+        if max(image.size) > MAX_ASPECT * min(image.size):
+            counter.skip("extreme_aspect", key, f"{image.width}x{image.height}")
             return None
         image, top, left = resize_and_crop(image, resolution, center_crop=center_crop, rng=rng)
         time_ids = (orig_h, orig_w, top, left, resolution, resolution)

@@ -9,10 +9,12 @@ imports `train.digits`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from train.config import ConfigError, DataConfig, ModelConfig, ValidationConfig
+from train.errors import UserError
 from train.files import default_cache_root
 
 EMBEDDED_PREFIX = "digits:"
@@ -39,17 +41,66 @@ def is_embedded(model_cfg: ModelConfig) -> bool:
 
 
 def resolve_base(model_cfg: ModelConfig) -> Path:
-    """The base model's diffusers folder; the embedded digits model is built on first use."""
+    """The base model's diffusers folder, checked to be SDXL-style; the embedded digits model
+    is built on first use."""
     if is_embedded(model_cfg):
         size = model_cfg.base.split(":", 1)[1]
         return Path(_digits().ensure_digits_model(cache_root(model_cfg), size))
     path = Path(model_cfg.base)
-    if not (path / "unet" / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.base: {path} is not a diffusers model folder (no unet/config.json). Nothing is "
-            "downloaded at run time: point it at a local copy (e.g. `huggingface-cli download "
-            "stabilityai/stable-diffusion-xl-base-1.0 --local-dir ...`), or use digits:full.")
+    check_base_layout(path)
     return path
+
+
+# What an SDXL-style diffusers folder holds: the loaders need each part (transformers would
+# otherwise take a missing local subfolder for a Hub repo id: "Repo id must be in the form ...").
+SDXL_PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+              "text_encoder_2": "config.json", "tokenizer": None, "tokenizer_2": None,
+              "scheduler": "scheduler_config.json"}
+SUPPORTED = "this release supports SDXL-style UNets (two text encoders, text_time embedding)"
+
+
+def _read_json(path: Path, where: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.base: unreadable {path.relative_to(where)} ({err})", where,
+                        "restore the base model folder from its source") from None
+
+
+def check_base_layout(path: Path) -> None:
+    """A folder base must be an SDXL-style diffusers folder; say which part is missing or which
+    layout it is instead, before any loader sees it."""
+    download = ("point model.base at a local copy of an SDXL-style model (e.g. `huggingface-cli "
+                "download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR`), or use "
+                "digits:full; nothing is downloaded at run time")
+    if not path.is_dir():
+        raise UserError("model.base: no such folder", path, download)
+    if not (path / "unet" / "config.json").is_file():
+        raise UserError("model.base: not a diffusers model folder (no unet/config.json)", path, download)
+    unet = _read_json(path / "unet" / "config.json", path)
+    if unet.get("addition_embed_type") != "text_time":
+        kind = ("SD1.5-style UNet (no text_time embedding)" if unet.get("addition_embed_type") is None
+                else f"UNet with addition_embed_type={unet.get('addition_embed_type')!r}")
+        raise UserError(f"model.base: {kind}; {SUPPORTED}", path, download)
+    for part, config in SDXL_PARTS.items():
+        if not (path / part / (config or "")).exists():
+            raise UserError(f"model.base: no {part}/{config or ''} (an SDXL-style folder has "
+                            f"{', '.join(SDXL_PARTS)})", path, download)
+
+
+def vae_scale_factor(path: Path) -> int:
+    """Pixels per latent along a side: 2 ** (number of VAE down blocks - 1)."""
+    vae = _read_json(Path(path) / "vae" / "config.json", Path(path))
+    return 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+
+
+def check_resolution(path: Path, resolution: int) -> None:
+    """data.resolution must map to whole latents."""
+    factor = vae_scale_factor(path)
+    if resolution % factor:
+        raise ConfigError(f"data.resolution: {resolution} is not a multiple of the base VAE's "
+                          f"downsampling factor {factor}", where=path,
+                          todo=f"use a multiple of {factor}, e.g. {max(factor, resolution // factor * factor)}")
 
 
 def resolve_train_shards(model_cfg: ModelConfig, data_cfg: DataConfig) -> str:
@@ -57,7 +108,7 @@ def resolve_train_shards(model_cfg: ModelConfig, data_cfg: DataConfig) -> str:
     if data_cfg.train_shards or data_cfg.latent_shards:
         return data_cfg.train_shards
     if not is_embedded(model_cfg):
-        raise ValueError("data.train_shards: required unless model.base is an embedded digits model")
+        raise ConfigError("data.train_shards: required unless model.base is an embedded digits model")
     urls = _digits().ensure_digits_shards(cache_root(model_cfg)).train_urls
     return urls if isinstance(urls, str) else " ".join(urls)
 
@@ -77,8 +128,8 @@ def evaluate_export(model_cfg: ModelConfig, export: str | os.PathLike,
     """EVAL_METRICS of an export of a run on an embedded base: rendered through the diffusers
     pipeline at the export's own step count, guidance off, scored by the embedded evaluator."""
     if not is_embedded(model_cfg):
-        raise ValueError(f"model.base: {model_cfg.base} is not an embedded model; only exports of "
-                         "digits:* runs can be evaluated (the evaluator knows only the digits)")
+        raise UserError(f"model.base: {model_cfg.base} is not an embedded model", "--eval",
+                        "only exports of digits:* runs can be evaluated (the evaluator knows only the digits)")
     result = _digits().evaluate_export(resolve_base(model_cfg), export, per_digit,
                                        cache_root=cache_root(model_cfg))
     return {"digits_fd": result.fd, "prompt_accuracy": result.accuracy}

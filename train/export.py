@@ -12,7 +12,10 @@ For each finished stage (`RUN/stages/<N>step/final/`) this writes to `RUN/export
   README.md                           the model card, rewritten each time (train/model_card.py)
 Every file's safetensors metadata says how to sample it (steps, prediction type, scheduler),
 what it was made from (base model, resolved config) and its format, so `train.generate` and
-users need nothing else (METHOD.md §6).
+users need nothing else (METHOD.md §6). The stage final is verified before it is read, no file
+with a NaN or Inf is written (an fp16 overflow says to export in bf16), and `export/manifest.json`
+records each written file's size and hash, so readers can tell a damaged copy
+(train/manifest.py).
 
 Kohya layout: `lora_unet_<module path, "." → "_">.{lora_down.weight,lora_up.weight,alpha}`, with
 the original SDXL module paths by default (`export.lora_names: original`,
@@ -43,11 +46,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from distill.lora import (
@@ -61,6 +65,7 @@ from train.comfyui import write_workflows
 from train.config import DTYPES as EXPORT_DTYPES
 from train.config import Config, load_config
 from train.embedded import resolve_base
+from train.errors import Diverged, UserError, add_debug_flag, run_cli
 from train.export_info import (
     CHECKPOINT_FORMAT,
     LORA_FORMAT,
@@ -68,10 +73,11 @@ from train.export_info import (
     export_metadata,
     read_export_info,
 )
-from train.files import atomic_file, write_text_atomic
+from train.files import atomic_file, disk_full_guard, write_text_atomic
 from train.layout import RunLayout
+from train.manifest import describe_nonfinite, nonfinite_names, update_manifest
 from train.model_card import write_model_card, write_samples
-from train.models import is_complete, read_student, torch_dtype
+from train.models import is_complete, load_student_tensors, torch_dtype
 from train.sdxl_layout import lora_file_names
 from train.single_file import single_file_tensors
 
@@ -84,8 +90,16 @@ EXACT_REL_ERROR = 1e-5  # below this relative error the report calls an SVD LoRA
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    bad = nonfinite_names(tensors)
+    if bad:  # finite fp32 weights beyond ±65504 overflow in fp16
+        raise Diverged(f"export would hold {describe_nonfinite(bad)}", path,
+                       "nothing was written: export in bf16 or fp32 (--dtype bf16) if the fp16 "
+                       "cast overflows, else re-train the stage")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    update_manifest(path.parent, drop=[path])
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+    update_manifest(path.parent, add=[path])
 
 
 def _load_base_unet(cfg: Config) -> UNet2DConditionModel:
@@ -97,7 +111,8 @@ def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
     """Write the exports of stage `stage` (index into cfg.stages) from its final; main process.
 
     The weights first, then (export.workflows) a ComfyUI workflow per weights file, then
-    (export.model_card) this step count's sample grid and the rewritten model card."""
+    (export.model_card) this step count's sample grid and the rewritten model card; last, their
+    sizes and hashes in export/manifest.json."""
     written = _export_weights(Path(run_dir), cfg, stage)
     if cfg.export.workflows:
         written += write_workflows(cfg, written)
@@ -105,6 +120,8 @@ def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
         unet = next(p for p in written if p.suffix == ".safetensors"
                     and read_export_info(p).format == UNET_FORMAT)
         written += [write_samples(unet, cfg), write_model_card(Path(run_dir), cfg)]
+    export_dir = RunLayout.for_stages(run_dir, cfg.stages).export_dir
+    update_manifest(export_dir, add=[p for p in written if p.parent.resolve() == export_dir.resolve()])
     return written
 
 
@@ -112,15 +129,14 @@ def _export_weights(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
     layout = RunLayout.for_stages(run_dir, cfg.stages)
     steps = cfg.stages[stage].student_steps
     final = layout.stage_final(stage)
-    saved = read_student(final)
+    saved, weights, lora = load_student_tensors(final)  # verified and finite, or DamagedFile
     out_dir = layout.export_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype, prefix = torch_dtype(cfg.export.dtype), f"{cfg.export.name}_{steps}step"
 
-    weights = load_file(final / "unet.safetensors")
     adapter = None
     if saved.lora_rank:
-        adapter = lora_from_adapter(load_file(final / "lora.safetensors"), saved.lora_alpha)
+        adapter = lora_from_adapter(lora, saved.lora_alpha)
     folded = fold_lora(weights, adapter) if adapter else {k: v.float() for k, v in weights.items()}
 
     x0 = saved.prediction_type == "sample"
@@ -180,7 +196,16 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--lora-names", choices=("original", "diffusers"), help="override export.lora_names")
     parser.add_argument("--card-only", action="store_true",
                         help="only rewrite export/README.md (the model card) from the files already there")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    with disk_full_guard(args.run_dir):
+        return _export_run(args)
+
+
+def _export_run(args: argparse.Namespace) -> list[Path]:
+    if not (args.run_dir / "config.yaml").is_file():
+        raise UserError("not a run directory (no config.yaml)", args.run_dir,
+                        "pass the output_dir of a training run")
     cfg = load_config(args.run_dir / "config.yaml")
     export_cfg = cfg.export
     if args.dtype:
@@ -193,15 +218,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
     layout = RunLayout.for_stages(args.run_dir, cfg.stages)
     if args.card_only:
         if not layout.export_dir.is_dir():
-            parser.error(f"{layout.export_dir}: nothing exported yet")
+            raise UserError("nothing exported yet", layout.export_dir, "run python -m train.export RUN_DIR first")
         path = write_model_card(args.run_dir, cfg)
+        update_manifest(layout.export_dir, add=[path])
         print(path)
         return [path]
     by_steps = {s.student_steps: i for i, s in enumerate(cfg.stages)}
     if args.stages:
         unknown = [n for n in args.stages if n not in by_steps]
         if unknown:
-            parser.error(f"--stages {unknown}: the recipe's stages are {sorted(by_steps)} steps")
+            raise UserError(f"no {unknown}-step stage in this run's recipe", "--stages",
+                            f"choose among {sorted(by_steps)}")
         indices = [by_steps[n] for n in args.stages]
     else:
         indices = [i for i in range(len(cfg.stages)) if is_complete(layout.stage_final(i))]
@@ -209,7 +236,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for index in indices:
         final = layout.stage_final(index)
         if not is_complete(final):
-            parser.error(f"{final}: no finished student for the {cfg.stages[index].student_steps}-step stage")
+            raise UserError(f"no finished student for the {cfg.stages[index].student_steps}-step stage",
+                            final, "train that stage first (re-run the training command)")
         written += export_stage(args.run_dir, cfg, index)
     for path in written:
         print(path)
@@ -218,4 +246,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main()
+    sys.exit(run_cli(main))

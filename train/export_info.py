@@ -4,6 +4,11 @@ An export carries its format, step count, prediction type, scheduler settings (E
 trailing grid, METHOD.md §6), base model and the run's resolved config, so `train.generate`,
 the pipeline loader, the model card and users need nothing else. LoRA files add kohya's `ss_*`
 keys that kohya's scripts and A1111 read.
+
+`verify_export` is what every reader of an export runs first (train/pipeline.py): the file
+must exist, match the export folder's manifest when that lists it, parse, and hold only
+finite tensors. A truncated, emptied or garbled file, or one with a NaN, is refused with a
+one-line `DamagedFile` instead of a traceback or an image of NaNs.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from train.config import Config
+from train.errors import DamagedFile, UserError
+from train.manifest import file_problem, safetensors_problem
 
 UNET_FORMAT = "diffusers_unet"
 LORA_FORMAT = "kohya_lora"
@@ -75,19 +82,54 @@ def export_metadata(cfg: Config, steps: int, prediction_type: str, fmt: str,
     return meta
 
 
+REEXPORT = ("write it again: python -m train.export RUN_DIR (or re-run training), or copy it "
+            "again from where it came from")
+
+
+def _missing(path: Path) -> UserError:
+    return UserError("export file not found", path, "pass the path of a .safetensors file written by train.export")
+
+
 def read_export_info(path: str | os.PathLike) -> ExportInfo:
-    """Parse an export's metadata; fails clearly on files this framework did not write."""
+    """Parse an export's metadata; fails with a one-line UserError on a missing, unreadable or
+    foreign file."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not path.is_file():
+        raise _missing(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise DamagedFile(f"damaged export: {path.name}: not a readable safetensors file "
+                          f"({str(err).splitlines()[0][:120]})", path, REEXPORT) from None
     missing = [k for k in ("export_format", "num_inference_steps", "prediction_type") if k not in meta]
     if missing:
-        raise ValueError(f"{path}: no {missing} in its safetensors metadata; not a train.export file")
+        raise UserError(f"not a train.export file: no {missing} in its safetensors metadata", path,
+                        "pass a file written by train.export (its metadata says how to sample it)")
     prediction_type = meta["prediction_type"]
-    return ExportInfo(
-        path=path, format=meta["export_format"],
-        num_inference_steps=int(meta["num_inference_steps"]), prediction_type=prediction_type,
-        scheduler=json.loads(meta.get("scheduler") or json.dumps(scheduler_settings(prediction_type))),
-        base_model=meta.get("base_model", ""), lora_rank=int(meta.get("lora_rank", 0)),
-        lora_alpha=float(meta.get("lora_alpha", 0.0)), lora_names=meta.get("lora_names", ""),
-        config=json.loads(meta["config"]) if "config" in meta else None)
+    try:
+        return ExportInfo(
+            path=path, format=meta["export_format"],
+            num_inference_steps=int(meta["num_inference_steps"]), prediction_type=prediction_type,
+            scheduler=json.loads(meta.get("scheduler") or json.dumps(scheduler_settings(prediction_type))),
+            base_model=meta.get("base_model", ""), lora_rank=int(meta.get("lora_rank", 0)),
+            lora_alpha=float(meta.get("lora_alpha", 0.0)), lora_names=meta.get("lora_names", ""),
+            config=json.loads(meta["config"]) if "config" in meta else None)
+    except ValueError as err:
+        raise DamagedFile(f"damaged export: {path.name}: garbled metadata ({err})", path, REEXPORT) from None
+
+
+def verify_export(path: str | os.PathLike) -> ExportInfo:
+    """An export fit to render: present, intact against export/manifest.json (when it lists the
+    file), parseable, finite. Reads the whole file once."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path)
+    problem = file_problem(path)
+    if problem:
+        raise DamagedFile(f"damaged export: {problem}", path, REEXPORT)
+    info = read_export_info(path)
+    problem = safetensors_problem(path)
+    if problem:
+        raise DamagedFile(f"damaged export: {problem}", path, REEXPORT)
+    return info

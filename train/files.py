@@ -3,11 +3,19 @@
 Every file or folder the framework publishes (checkpoints, phase and stage finals, exports,
 cached embedded models and shards, the evaluator's classifier) is written under a temporary
 sibling name and renamed into place when complete: a path that exists is complete by
-construction (ARCHITECTURE.md pitfall 1). This module is the one definition of that pattern.
+construction (ARCHITECTURE.md pitfall 1). A published folder records its manifest last, just
+before the rename (`publish`), so a later reader can tell it is still intact (pitfall 12). This module is the one definition of that pattern.
+
+Two more things that happen to files on disk live here: a write that runs out of space
+becomes a `DiskFull` error naming the folder (`disk_full_guard`; the staging copy is removed
+and what was published before is intact), and a published folder found damaged later is set
+aside under `<name>.corrupt` (`set_aside`), never deleted.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import shutil
 import tempfile
@@ -15,7 +23,83 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from train.errors import DiskFull, UserError
+from train.manifest import write_manifest
+
 TMP_SUFFIX = ".tmp"
+CORRUPT_SUFFIX = ".corrupt"
+# Below this much free space a failed write is taken for a full disk: torch.save reports one
+# as "unexpected pos ..." with no errno (checked on a full tmpfs).
+NEARLY_FULL_BYTES = 16 << 20
+log = logging.getLogger("train")
+
+
+def _free_bytes(path: Path) -> int | None:
+    for candidate in (Path(path), *Path(path).parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def is_disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether `exc`, raised while writing under `where`, means the disk (or quota) is full."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "os error 28" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    free = _free_bytes(where)
+    return free is not None and free < NEARLY_FULL_BYTES
+
+
+@contextmanager
+def disk_full_guard(where: Path) -> Iterator[None]:
+    """Turn an out-of-space failure of the writes inside into `DiskFull` naming `where`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc, where):
+            raise DiskFull("no space left on device", f"writing {where}",
+                           "free some space and re-run the same command: it resumes from the "
+                           "last complete checkpoint, which is intact") from exc
+        raise
+
+
+def make_output_dir(path: Path, key: str, todo: str) -> Path:
+    """Create a folder to write into (and check that it takes a file), or raise a UserError
+    saying why not: a file in the way, a parent that is a file, /proc, no permission."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        if isinstance(err, (FileExistsError, NotADirectoryError)):
+            reason = "a file is in the way" if path.exists() else "a parent is a file, not a folder"
+        raise UserError(f"{key} cannot be used as a folder: {reason}", path, todo) from err
+    return path
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged file or folder to `<name>.corrupt` (`.corrupt-2`, ... if taken), so it
+    is neither trusted nor lost; returns the new path."""
+    path = Path(path)
+    for n in range(1, 1000):
+        target = path.with_name(path.name + CORRUPT_SUFFIX + (f"-{n}" if n > 1 else ""))
+        if not target.exists():
+            os.rename(path, target)
+            log.warning("set aside %s as %s (kept, never deleted: remove it when no longer needed)",
+                        path, target.name)
+            return target
+    raise FileExistsError(f"{path}: too many {CORRUPT_SUFFIX} copies already")
 
 
 def staging_path(final: Path) -> Path:
@@ -26,8 +110,10 @@ def staging_path(final: Path) -> Path:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Rename the complete `tmp` onto `final`, replacing whatever was there."""
+    """Record the complete `tmp`'s manifest (its files' sizes and hashes, train/manifest.py),
+    then rename it onto `final`, replacing whatever was there."""
     final = Path(final)
+    write_manifest(Path(tmp))
     if final.is_dir():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -36,12 +122,14 @@ def publish(tmp: Path, final: Path) -> None:
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty staging folder; on a clean exit it becomes `final` (replacing it)."""
+    final = Path(final)
     tmp = staging_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        yield tmp
-        publish(tmp, final)
+        with disk_full_guard(final.parent):
+            tmp.mkdir(parents=True)
+            yield tmp
+            publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -54,13 +142,15 @@ def atomic_file(final: Path) -> Iterator[Path]:
     building one cached classifier) never write into each other's staging file.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=TMP_SUFFIX, dir=final.parent)
+    with disk_full_guard(final.parent):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=TMP_SUFFIX, dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        os.replace(tmp, final)
+        with disk_full_guard(final.parent):
+            yield tmp
+            os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
 

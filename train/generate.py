@@ -5,7 +5,9 @@ The export is applied as users apply it (`train.pipeline.load_pipeline`: a UNet 
 checkpoint through `from_single_file(path, config=base)`, Euler on the trailing grid with the
 export's prediction type); guidance is off, and the step count is the one the export was
 distilled for, read from its metadata (METHOD.md §6). The images are written as one grid,
-prompt-major (`train.validation.save_grid`).
+prompt-major (`train.validation.save_grid`). A missing, damaged or non-finite export, or a base
+that is not SDXL-style, ends with one line `error: ...` (exit status 2), never a traceback or
+an image of NaNs; `--debug` adds the traceback.
 
 Launch: python -m train.generate --base digits:full --export RUN/export/NAME_4step_unet.safetensors \
             --prompt "a handwritten digit seven" [--prompt ...] [--seed 0] [--out grid.png]
@@ -14,6 +16,7 @@ Launch: python -m train.generate --base digits:full --export RUN/export/NAME_4st
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,8 @@ from torch import Tensor
 
 from train.config import ModelConfig
 from train.embedded import resolve_base
-from train.export_info import LORA_FORMAT, ExportInfo, read_export_info
+from train.errors import UserError, add_debug_flag, run_cli
+from train.export_info import LORA_FORMAT, ExportInfo, verify_export
 from train.pipeline import load_pipeline
 from train.validation import save_grid
 
@@ -38,9 +42,9 @@ def choose_steps(info: ExportInfo, requested: int | None, force: bool = False) -
     if requested is None or requested == info.num_inference_steps:
         return info.num_inference_steps
     if not force:
-        raise ValueError(
-            f"{info.path.name} was distilled for {info.num_inference_steps} steps, not {requested}: "
-            "other step counts give degraded images (pass --force-steps to try anyway)")
+        raise UserError(f"{info.path.name} was distilled for {info.num_inference_steps} steps, not "
+                        f"{requested}", "--steps", "other step counts give degraded images; pass "
+                        "--force-steps to try anyway")
     return requested
 
 
@@ -70,23 +74,24 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("grid.png"))
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
 
-    try:
-        info = read_export_info(args.export)
-        steps = choose_steps(info, args.steps, args.force_steps)
-    except ValueError as err:
-        parser.error(str(err))
+    info = verify_export(args.export)
+    steps = choose_steps(info, args.steps, args.force_steps)
     if args.lora and info.format != LORA_FORMAT:
-        parser.error(f"--lora: {args.export} is a {info.format} export, not a LoRA")
+        raise UserError(f"a {info.format} export, not a LoRA", args.export, "drop --lora or pass a LoRA export")
     pipe = load_pipeline(resolve_base_dir(args.base), args.export)
     images = render(pipe, args.prompt, steps, args.seed, args.images_per_prompt)
-    save_grid(to_tensor(images), args.out,
-              columns=args.images_per_prompt if len(args.prompt) > 1 else len(images))
+    try:
+        save_grid(to_tensor(images), args.out, columns=args.images_per_prompt if len(args.prompt) > 1 else len(images))
+    except OSError as err:
+        raise UserError(f"cannot write the image: {err.strerror or err}", args.out,
+                        "choose a writable --out path") from None
     print(f"{args.out}: {len(args.prompt)} prompt(s), {steps} steps, {info.format}, "
           f"prediction_type={info.prediction_type}")
     return args.out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -2,12 +2,13 @@
 
     runs/NAME/
       config.yaml                                resolved config
+      run.lock                                   PID and host of the run training here (train/lock.py)
       metrics.jsonl, wandb_id.txt                tracking
       samples/<stage>_<phase>_<tag>.png          validation grids
       stages/<stage>/<phase>/checkpoint-<K>/     resumable state (train/checkpoint.py)
       stages/<stage>/<phase>/final/              the student after that phase
       stages/<stage>/final/, stage.json          the stage's student, its exports' list
-      export/                                    user-facing files (train/export.py)
+      export/                                    user-facing files (train/export.py), manifest.json
 
 Stages are named by their student's step count ("8step"); `RunLayout` knows the names of
 the recipe's stages so that "the final of stage 2" is one call.
@@ -35,6 +36,10 @@ class RunLayout:
     @property
     def config_file(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "run.lock"
 
     @property
     def metrics_file(self) -> Path:

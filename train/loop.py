@@ -9,6 +9,12 @@ EMA, log, validate, checkpoint) → phase final → at a stage's end: stage fina
 grid, exports (train/export.py). Finished phases are never redone: a phase whose `final/`
 exists is skipped, and a phase with checkpoints resumes from the newest complete one. Every
 path comes from `RunLayout` (train/layout.py).
+
+What is on disk is verified before it is trusted (ARCHITECTURE.md pitfall 12): the run
+directory is locked for this run (train/lock.py), damaged finals are set aside and rebuilt
+(train/recovery.py), a damaged checkpoint is set aside for the previous one
+(`intact_checkpoint`), damaged exports are written again. Problems the user can fix end the
+run with a one-line `UserError` (train/errors.py); a full disk is one (`disk_full_guard`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from distill.phases import PhasePlan, expand_recipe, phase_start_step
 from train.build import PhaseModels, build_phase_models, lr_factor
 from train.checkpoint import (
     Counters,
+    intact_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     read_extra_state,
@@ -37,10 +44,13 @@ from train.checkpoint import (
 )
 from train.config import Config, config_to_dict, config_to_yaml
 from train.data import stream_seed, training_stream
-from train.embedded import resolve_base, resolve_train_shards, validation_prompts
+from train.embedded import check_resolution, resolve_base, resolve_train_shards, validation_prompts
+from train.errors import Diverged
 from train.export import export_stage
-from train.files import write_text_atomic
+from train.files import disk_full_guard, write_text_atomic
 from train.layout import RunLayout
+from train.lock import claim_run_dir
+from train.manifest import file_problem
 from train.models import (
     BaseModel,
     discriminator_state,
@@ -51,6 +61,7 @@ from train.models import (
     save_student,
     torch_dtype,
 )
+from train.recovery import set_aside_damaged_finals
 from train.steps import StepContext, StepOutcome, Updater, draw_point, train_step
 from train.text import batch_to_latents
 from train.tracking import Tracker
@@ -87,14 +98,27 @@ def run(cfg: Config) -> RunResult:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.runtime.nccl_timeout_s))],
     )
     layout = RunLayout.for_stages(cfg.output_dir, cfg.stages)
+    lock = claim_run_dir(layout.root, layout.lock_file, accelerator)  # before anything is written
+    try:
+        with disk_full_guard(layout.root):
+            return _run_locked(cfg, layout, accelerator)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg: Config, layout: RunLayout, accelerator: Accelerator) -> RunResult:
     if accelerator.is_main_process:
-        layout.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(layout.config_file, config_to_yaml(cfg))
     with accelerator.main_process_first():  # build embedded model/shards once, others then load
         base_path = resolve_base(cfg.model)
         shards = resolve_train_shards(cfg.model, cfg.data)
+    check_resolution(base_path, cfg.data.resolution)
     base = load_base(base_path, cfg.model, accelerator.device, torch_dtype(cfg.data.vae_dtype))
     plans = expand_recipe(cfg.stages, base.prediction_type)
+    if accelerator.is_main_process:
+        set_aside_damaged_finals(layout, plans)
+    accelerator.wait_for_everyone()
     tracker = Tracker(layout, cfg.logging, config_to_dict(cfg), accelerator.is_main_process)
     ctx = _Run(cfg, layout, plans, base, shards, accelerator, tracker)
     finals, exports = [], []
@@ -145,6 +169,9 @@ def _train_phase(ctx: _Run, plan: PhasePlan) -> None:
 
 
 def _resume(ctx: _Run, plan: PhasePlan, models: PhaseModels) -> Counters:
+    if ctx.accelerator.is_main_process:
+        intact_checkpoint(ctx.layout.phase_dir(plan))  # sets damaged newer ones aside
+    ctx.accelerator.wait_for_everyone()
     ckpt = latest_checkpoint(ctx.layout.phase_dir(plan))
     if ckpt is None:
         return Counters(plan.index, 0, 0, 0)
@@ -224,10 +251,10 @@ def _on_nonfinite(ctx: _Run, plan: PhasePlan, step: int, in_row: int) -> None:
     log.warning("non-finite loss or gradient at %s/%s step %d: step skipped (%d in a row)",
                 plan.stage_name, plan.name, step, in_row)
     if in_row >= limit:
-        raise RuntimeError(
+        raise Diverged(
             f"{in_row} non-finite steps in a row at {plan.stage_name}/{plan.name} step {step} "
-            f"(runtime.max_nonfinite_steps={limit}); the last complete checkpoint in "
-            f"{ctx.layout.phase_dir(plan)} is intact: lower the learning rate and re-run to resume")
+            f"(runtime.max_nonfinite_steps={limit})", ctx.layout.phase_dir(plan),
+            "the last complete checkpoint there is intact: lower the learning rate and re-run to resume")
 
 
 def _log_step(ctx: _Run, plan: PhasePlan, global_step: int, step: int, *, lr: float,
@@ -302,13 +329,25 @@ def _finish_stage(ctx: _Run, plan: PhasePlan) -> tuple[Path, list[Path]]:
             _validate(ctx, plan, unet, prediction_type,
                       phase_start_step(ctx.plans, plan.index) + plan.steps, tag="final")
         record = layout.stage_record(plan.stage)
-        listed = [layout.root / p for p in json.loads(record.read_text())["exports"]] if record.is_file() else []
-        if not fresh and record.is_file() and all(p.is_file() for p in listed):
-            written = listed  # finished earlier: exports are already there
+        listed = _recorded_exports(layout.root, record)
+        damaged = [problem for p in listed or [] if (problem := file_problem(p))]
+        if not fresh and listed is not None and not damaged:
+            written = listed  # finished earlier: exports are already there and intact
         elif ctx.cfg.export.enabled:
+            if damaged:
+                log.warning("exports of stage %s damaged or missing (%s): writing them again",
+                            plan.stage_name, "; ".join(damaged))
             written = export_stage(layout.root, ctx.cfg, plan.stage)
         write_text_atomic(record, json.dumps(
             {"stage": plan.stage, "student_steps": plan.student_steps, "prediction_type": plan.prediction_type,
              "exports": [str(Path(p).relative_to(layout.root)) for p in written]}, indent=2))
     acc.wait_for_everyone()
     return stage_final, written
+
+
+def _recorded_exports(root: Path, record: Path) -> list[Path] | None:
+    """The exports stage.json lists, None when it is missing or unreadable (then re-exported)."""
+    try:
+        return [root / p for p in json.loads(record.read_text())["exports"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

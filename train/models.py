@@ -4,8 +4,12 @@ A student on disk (`stages/<stage>/<phase>/final/`, `stages/<stage>/final/`) is:
   unet.safetensors   the full UNet weights W in plain diffusers keys (fp32)
   lora.safetensors   the LoRA adapter on top of W, if the student is in LoRA form (peft keys)
   student.json       prediction type, LoRA rank/alpha/targets, where it came from
+  manifest.json      every file's size and hash, written last (train/manifest.py)
 Every file is written to a temporary directory that is renamed when complete, so a crash
-never leaves a torn final behind.
+never leaves a torn final behind. Weights with a NaN or Inf are never written (the phase's
+checkpoints stay), and a final is verified against its manifest and checked for finite
+weights whenever it is loaded (`load_student_tensors`): a damaged one raises `DamagedFile`,
+never reaches training or an export (train/recovery.py rebuilds it).
 """
 
 from __future__ import annotations
@@ -32,12 +36,21 @@ from distill.lora import (
 )
 from distill.schedule import NoiseSchedule
 from train.config import ModelConfig
+from train.errors import DamagedFile, Diverged
 from train.files import atomic_dir
+from train.manifest import (
+    MANIFEST_FILE,
+    describe_nonfinite,
+    manifest_problems,
+    nonfinite_names,
+    safetensors_problem,
+)
 from train.text import TextEncoders, load_text_encoders
 
 STUDENT_FILE = "student.json"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+REBUILD_FINAL = "re-run the training command: it sets the damaged final aside and rebuilds it"
 # Config dtype names → torch dtypes ("no" is runtime.mixed_precision's "off": fp32 compute).
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
@@ -98,19 +111,27 @@ class SavedStudent:
 
 def save_student(unet: UNet2DConditionModel, prediction_type: str, path: Path, origin: str,
                  discriminator: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Write a student atomically (temp dir + rename). Call on the main process only.
+    """Write a student atomically (temp dir + manifest + rename). Main process only.
 
     discriminator: the stage's discriminator state after this phase (`discriminator_state`),
-    saved beside the student so the stage's next adversarial phase continues it."""
+    saved beside the student so the stage's next adversarial phase continues it.
+    Raises `Diverged` instead of writing non-finite weights."""
+    weights = plain_state_dict(unet)
+    lora = {k: v.detach().cpu().float().contiguous() for k, v in lora_state_dict(unet).items()} \
+        if has_lora(unet) else {}
+    bad = nonfinite_names(weights) + nonfinite_names(lora) + nonfinite_names(dict(discriminator or {}))
+    if bad:
+        raise Diverged(f"the student after {origin} has {describe_nonfinite(bad)}", path,
+                       "nothing was written and the phase's checkpoints are kept: lower the "
+                       "learning rate (or check the data) and re-run")
     with atomic_dir(path) as tmp:
-        save_file(plain_state_dict(unet), tmp / "unet.safetensors")
+        save_file(weights, tmp / "unet.safetensors")
         if discriminator:
             save_file(dict(discriminator), tmp / DISCRIMINATOR_FILE)
         meta = {"prediction_type": prediction_type, "origin": origin, "lora": None}
-        if has_lora(unet):
+        if lora:
             settings = lora_settings(unet)
-            save_file({k: v.detach().cpu().float().contiguous() for k, v in lora_state_dict(unet).items()},
-                      tmp / "lora.safetensors")
+            save_file(lora, tmp / "lora.safetensors")
             meta["lora"] = {"rank": settings.rank, "alpha": settings.alpha,
                             "target_modules": list(settings.target_modules)}
         (tmp / STUDENT_FILE).write_text(json.dumps(meta, indent=2))
@@ -123,26 +144,58 @@ def read_student(path: Path) -> SavedStudent:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / STUDENT_FILE).is_file()
+    """Published (a folder appears only complete, by rename); whether it is still intact is
+    `student_problems`."""
+    return Path(path).is_dir()
+
+
+def student_problems(path: Path) -> list[str]:
+    """What is wrong with a saved student ([] = intact): its manifest first, then whether its
+    weights parse and are finite (a NaN written by a version without the write-time check)."""
+    problems = manifest_problems(path)
+    if problems:
+        return problems
+    return [p for f in sorted(Path(path).glob("*.safetensors")) if (p := safetensors_problem(f))]
+
+
+def load_student_tensors(path: Path) -> tuple[SavedStudent, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A verified student's metadata, UNet weights and LoRA tensors ({} without an adapter).
+
+    Raises `DamagedFile` when it fails its manifest or holds non-finite weights."""
+    problems = student_problems(path)
+    if problems:
+        raise DamagedFile(f"damaged student: {problems[0]}", path, REBUILD_FINAL)
+    saved = read_student(path)
+    weights = load_file(path / "unet.safetensors")
+    lora = load_file(path / "lora.safetensors") if saved.lora_rank else {}
+    bad = nonfinite_names(weights) + nonfinite_names(lora)
+    if bad:
+        raise DamagedFile(f"student with {describe_nonfinite(bad)}", path, REBUILD_FINAL)
+    return saved, weights, lora
 
 
 def load_student(path: Path, base: BaseModel, *, fold_lora: bool) -> tuple[UNet2DConditionModel, str]:
-    """A saved student as a UNet on the base's device; with fold_lora its adapter is merged."""
-    saved = read_student(path)
+    """A verified saved student as a UNet on the base's device; with fold_lora its adapter is merged."""
+    saved, weights, lora = load_student_tensors(path)
     unet = fresh_unet(base)
-    unet.load_state_dict(load_file(path / "unet.safetensors"))
+    unet.load_state_dict(weights)
     if saved.lora_rank:
         add_lora(unet, saved.lora_rank, saved.lora_alpha)
-        load_lora_state_dict(unet, load_file(path / "lora.safetensors"))
+        load_lora_state_dict(unet, lora)
         if fold_lora:
             merge_lora(unet)
     return unet.to(base.unet.device), saved.prediction_type
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Make dst a complete copy of the student folder src (hard links where possible)."""
+    """Make dst a complete copy of the verified student folder src (hard links where possible)."""
+    problems = student_problems(src)
+    if problems:
+        raise DamagedFile(f"damaged student: {problems[0]}", src, REBUILD_FINAL)
     with atomic_dir(dst) as tmp:
         for f in src.iterdir():
+            if f.name == MANIFEST_FILE:
+                continue  # publish records dst's own
             try:
                 os.link(f, tmp / f.name)
             except OSError:

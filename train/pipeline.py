@@ -7,7 +7,8 @@ A UNet export loads as the released SDXL-Lightning README shows (`from_config` +
 single-file checkpoint with `from_single_file(path, config=base)` (train/single_file.py); the
 scheduler takes the export's prediction type and timestep spacing from its metadata.
 `python -m train.generate`, the sweep's and the benchmark's evaluations all load through here,
-so every number is measured on the code path users run.
+so every number is measured on the code path users run. An export is verified before it is
+loaded (`verify_export`): a damaged or non-finite file is refused, never rendered.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import os
 
 import torch
 
-from train.export_info import CHECKPOINT_FORMAT, LORA_FORMAT, UNET_FORMAT, read_export_info
+from train.errors import UserError
+from train.export_info import CHECKPOINT_FORMAT, LORA_FORMAT, UNET_FORMAT, verify_export
 from train.single_file import load_single_file_pipeline
 
 
@@ -34,7 +36,7 @@ def load_pipeline(base_dir: str | os.PathLike, export_path: str | os.PathLike | 
     if export_path is None:
         pipe = StableDiffusionXLPipeline.from_pretrained(base_dir, torch_dtype=dtype, add_watermarker=False)
     else:
-        info = read_export_info(export_path)
+        info = verify_export(export_path)  # intact and finite, or a one-line DamagedFile
         settings = {"timestep_spacing": info.scheduler.get("timestep_spacing", "trailing"),
                     "prediction_type": info.prediction_type}
         if info.format == UNET_FORMAT:
@@ -51,7 +53,8 @@ def load_pipeline(base_dir: str | os.PathLike, export_path: str | os.PathLike | 
         elif info.format == CHECKPOINT_FORMAT:  # from_single_file, the base folder as its config
             pipe = load_single_file_pipeline(export_path, base_dir, dtype)
         else:
-            raise ValueError(f"{export_path}: unknown export format {info.format!r}")
+            raise UserError(f"unknown export format {info.format!r}", export_path,
+                            f"pass a {UNET_FORMAT}, {LORA_FORMAT} or {CHECKPOINT_FORMAT} export")
     if prediction_type is not None:
         settings["prediction_type"] = prediction_type
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, **settings)

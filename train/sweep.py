@@ -20,7 +20,9 @@ Run names are built from the keys that vary between runs (their shortest unambig
 suffix) and their values, e.g. `backbone_trainable-true_lr_adv_full-2e-05`. Every run's config
 is validated with `load_config` before anything runs. Running is sequential, one `python -m train`
 subprocess per run; a run whose last stage has its `stage.json` is finished and skipped, a failed
-run is reported and the sweep goes on (exit status 1 at the end).
+run is reported and the sweep goes on (exit status 1 at the end). A bad sweep file or run
+config ends with one line `error: ...` and exit status 2 before anything runs (`--debug` adds
+the traceback).
 """
 
 from __future__ import annotations
@@ -42,11 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from distill.phases import did_you_mean, stage_name
 from train.config import Config, ConfigError, load_config
 from train.embedded import EVAL_METRICS, evaluate_export, is_embedded
+from train.errors import UserError, add_debug_flag, run_cli
+from train.files import write_text_atomic
 from train.tracking import read_metrics
 
 SWEEP_KEYS = ("base", "root", "overrides", "grid", "runs")
@@ -57,8 +60,11 @@ _PLAIN = re.compile(r"[A-Za-z_/][A-Za-z0-9_./:+-]*")
 _YAML_WORDS = {"true", "false", "null", "yes", "no", "on", "off", "y", "n", "~"}
 
 
-class SweepError(ValueError):
-    """A problem with the sweep file or one of its runs (the run's name is in the message)."""
+class SweepError(UserError, ValueError):
+    """A problem with the sweep file or one of its runs (the run's name is in `what`)."""
+
+    def __init__(self, what: str, where: object = "", todo: str = "fix the sweep file"):
+        super().__init__(what, where, todo)
 
 
 @dataclass(frozen=True)
@@ -208,16 +214,26 @@ def run_names(points: list[tuple[str | None, dict]]) -> list[str]:
 # ----------------------------------------------------------------------------- loading
 
 def load_sweep(path: str | Path) -> Sweep:
-    """Parse, expand and validate a sweep file. Raises SweepError naming the key or the run."""
-    path = Path(path)
+    """Parse, expand and validate a sweep file. Raises SweepError naming the key or the run,
+    and the file."""
+    try:
+        return _load_sweep(Path(path))
+    except SweepError as err:
+        if err.where:
+            raise
+        raise SweepError(err.what, path, err.todo) from None
+
+
+def _load_sweep(path: Path) -> Sweep:
     if not path.is_file():
-        raise SweepError(f"sweep file not found: {path}")
+        raise SweepError("sweep file not found", path, "give the path of a sweep YAML file")
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-    except OmegaConfBaseException as err:
-        raise SweepError(f"{path}: {err}") from None
+    except Exception as err:  # yaml's scanner/parser errors, OmegaConf's, undecodable bytes
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SweepError(f"not a readable YAML file: {first}", path, "fix the YAML syntax") from None
     if not isinstance(raw, dict):
-        raise SweepError(f"{path}: the top level must be a mapping with keys {list(SWEEP_KEYS)}")
+        raise SweepError(f"the top level must be a mapping with keys {list(SWEEP_KEYS)}", path)
     for key in raw:
         if key not in SWEEP_KEYS:
             raise SweepError(f"{key}: unknown sweep key; allowed: {list(SWEEP_KEYS)}"
@@ -239,7 +255,7 @@ def load_sweep(path: str | Path) -> Sweep:
         try:
             cfg = load_config(raw["base"], args)
         except ConfigError as err:
-            raise SweepError(f"run {name!r}: {err}") from None
+            raise SweepError(f"run {name!r}: {err.what}", err.where, err.todo) from None
         runs.append(SweepRun(name, overrides, args, output_dir, cfg))
     return Sweep(raw["base"], root, runs, _varying_keys(points))
 
@@ -283,19 +299,25 @@ def _status_file(sweep: Sweep) -> Path:
 
 
 def _record_status(sweep: Sweep, name: str, returncode: int) -> None:
-    path = _status_file(sweep)
-    status = json.loads(path.read_text()) if path.is_file() else {}
+    status = _read_status(sweep)
     status[name] = {"returncode": returncode, "time": round(time.time(), 3)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(status, indent=2) + "\n")
+    write_text_atomic(_status_file(sweep), json.dumps(status, indent=2) + "\n")
+
+
+def _read_status(sweep: Sweep) -> dict:
+    """status.json, {} when missing or unreadable (it only says which runs failed last time)."""
+    try:
+        status = json.loads(_status_file(sweep).read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
 
 
 def run_status(sweep: Sweep, run: SweepRun) -> str:
     """finished | failed (last attempt exited non-zero) | incomplete | pending."""
     if run.finished:
         return "finished"
-    path = _status_file(sweep)
-    recorded = json.loads(path.read_text()).get(run.name) if path.is_file() else None
+    recorded = _read_status(sweep).get(run.name)
     if recorded and recorded["returncode"] != 0:
         return f"failed (exit {recorded['returncode']})"
     return "incomplete" if (run.output_dir / "metrics.jsonl").is_file() else "pending"
@@ -461,12 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", action="store_true",
                         help="add digits-FD and prompt accuracy of each stage's UNet export (digits models)")
     parser.add_argument("--eval-per-digit", type=int, default=20, help="images per digit for --eval")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        sweep = load_sweep(args.sweep)
-    except SweepError as err:
-        print(f"sweep error: {err}", file=sys.stderr)
-        return 2
+    sweep = load_sweep(args.sweep)
     if args.dry_run:
         print_table(sweep)
         return 0
@@ -484,4 +503,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

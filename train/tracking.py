@@ -67,8 +67,20 @@ def _init_wandb(layout: RunLayout, project: str, run_config: dict):
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl, in order ([] before the first)."""
+    """The rows of a run's metrics.jsonl, in order ([] before the first). A line that does not
+    parse (a row torn by a kill, then continued by the resumed run) is skipped with a warning."""
     path = RunLayout(Path(output_dir), ()).metrics_file
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            log.warning("%s:%d: not a JSON row (torn by an interrupted write?); skipped", path, number)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

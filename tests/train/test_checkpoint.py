@@ -1,5 +1,6 @@
-"""train/checkpoint.py in one process: checkpoints are published complete (temp folder, then
-rename), pruned to keep_last, found newest-first ignoring torn ones, and restore the state."""
+"""train/checkpoint.py in one process: checkpoints are published complete (temp folder, manifest,
+then rename), pruned to keep_last, found newest-first ignoring staging folders, verified against
+their manifest with damaged ones set aside, and restore the state."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from train.checkpoint import (
     COUNTERS_FILE,
     Counters,
     complete_checkpoints,
+    intact_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     remove_checkpoints,
@@ -47,14 +49,57 @@ def test_save_publishes_a_complete_folder_and_prunes(trained):
     assert not list(phase_dir.glob("*.tmp"))
 
 
-def test_latest_ignores_torn_and_temporary_folders(trained):
+def test_latest_ignores_staging_folders_and_intact_sets_unverified_ones_aside(trained):
     accelerator, model, optimizer, phase_dir = trained
     save_checkpoint(accelerator, phase_dir, Counters(0, 2, 0, 0), keep_last=3)
-    (phase_dir / "checkpoint-9").mkdir()  # no counters.json: torn
     (phase_dir / "checkpoint-8.tmp").mkdir()
     (phase_dir / "checkpoint-8.tmp" / COUNTERS_FILE).write_text("{}")
     assert latest_checkpoint(phase_dir) == phase_dir / "checkpoint-2"
+    (phase_dir / "checkpoint-9").mkdir()  # published by hand, no manifest: not trusted
+    assert latest_checkpoint(phase_dir) == phase_dir / "checkpoint-9"
+    assert intact_checkpoint(phase_dir) == phase_dir / "checkpoint-2"
+    assert (phase_dir / "checkpoint-9.corrupt").is_dir()  # set aside, not deleted
+    assert latest_checkpoint(phase_dir) == phase_dir / "checkpoint-2"
     assert latest_checkpoint(phase_dir / "missing") is None
+    assert intact_checkpoint(phase_dir / "missing") is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garble", "delete_optimizer", "garble_counters"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, damage, caplog):
+    accelerator, model, optimizer, phase_dir = trained
+    for step in (2, 4):
+        _train_one_step(model, optimizer)
+        save_checkpoint(accelerator, phase_dir, Counters(0, step, 0, 0), keep_last=2)
+    newest = phase_dir / "checkpoint-4"
+    weights = newest / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "garble":  # same size, one byte flipped in the tensor data
+        weights.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
+    elif damage == "delete_optimizer":
+        (newest / "optimizer.bin").unlink()
+    else:
+        (newest / COUNTERS_FILE).write_text('{"phase": 0, "st')
+    with caplog.at_level("WARNING", logger="train"):
+        chosen = intact_checkpoint(phase_dir)
+    assert chosen == phase_dir / "checkpoint-2"
+    assert (phase_dir / "checkpoint-4.corrupt").is_dir() and not newest.exists()
+    text = caplog.text
+    assert "checkpoint-4 is damaged" in text and "2 step(s) to redo" in text
+    assert load_checkpoint(accelerator, chosen) == Counters(0, 2, 0, 0)
+
+
+def test_no_intact_checkpoint_left_restarts_the_phase(trained, caplog):
+    accelerator, model, optimizer, phase_dir = trained
+    save_checkpoint(accelerator, phase_dir, Counters(0, 6, 0, 0), keep_last=1)
+    (phase_dir / "checkpoint-6" / "model.safetensors").write_bytes(b"\0" * 8)
+    with caplog.at_level("WARNING", logger="train"):
+        assert intact_checkpoint(phase_dir) is None
+    assert "the phase starts over (6 step(s) to redo)" in caplog.text
+    assert (phase_dir / "checkpoint-6.corrupt").is_dir()
 
 
 def test_load_restores_weights_optimizer_and_counters(trained):

@@ -22,6 +22,7 @@ from train.data import (
     latent_loader,
     write_latent_shards,
 )
+from train.errors import DataError
 
 
 def png_bytes(h: int, w: int, seed: int = 0) -> bytes:
@@ -86,7 +87,7 @@ def test_brace_pattern_and_list_expand_to_the_same_shards(four_shards, tmp_path)
     from_list = keys_of(image_loader_single_pass(urls, batch_size=8, resolution=8,
                                                  rank=0, world_size=1), 100)
     assert from_pattern == from_list and len(from_pattern) == 32
-    with pytest.raises(ValueError):
+    with pytest.raises(DataError, match="no shards given"):
         expand_urls([])
 
 
@@ -229,12 +230,12 @@ def test_resampled_stream_of_only_broken_shards_raises(tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"\0" * 10)
     stream = image_loader(str(tmp_path / "junk.tar"), batch_size=1, resolution=8, seed=0,
                           rank=0, world_size=1, resume_step=0)
-    with pytest.raises(RuntimeError, match="held no sample"):
+    with pytest.raises(DataError, match="held no sample"):
         next(iter(stream))
     write_tar(tmp_path / "uncaptioned.tar", {f"k{i}.png": png_bytes(8, 8) for i in range(50)})
     stream = image_loader(str(tmp_path / "uncaptioned.tar"), batch_size=1, resolution=8,
                           seed=0, rank=0, world_size=1, resume_step=0, shuffle_buffer=10)
-    with pytest.raises(RuntimeError, match="unusable"):
+    with pytest.raises(DataError, match="unusable"):
         next(iter(stream))
 
 

@@ -20,6 +20,7 @@ from train.embedded import (
     resolve_train_shards,
     validation_prompts,
 )
+from train.errors import UserError
 
 FOLDER = ModelConfig(base="/models/sdxl-base")
 
@@ -43,10 +44,12 @@ def test_embedded_bases_resolve_into_the_cache(digits_cache):
 
 
 def test_a_folder_base_brings_nothing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a diffusers model folder"):
+    with pytest.raises(UserError, match="not a diffusers model folder"):
         resolve_base(ModelConfig(base=str(tmp_path)))
-    with pytest.raises(ValueError, match="data.train_shards: required"):
+    with pytest.raises(UserError, match="no such folder"):
+        resolve_base(ModelConfig(base=str(tmp_path / "missing")))
+    with pytest.raises(UserError, match="data.train_shards: required"):
         resolve_train_shards(FOLDER, DataConfig())
     assert resolve_train_shards(FOLDER, DataConfig(latent_shards="l-{0..1}.tar")) == ""
-    with pytest.raises(ValueError, match="only exports of digits:\\* runs can be evaluated"):
+    with pytest.raises(UserError, match="only exports of digits:\\* runs can be evaluated"):
         evaluate_export(FOLDER, tmp_path / "x.safetensors", per_digit=1)

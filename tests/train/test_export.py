@@ -32,6 +32,7 @@ from distill.sampling import decode_latents, sample
 from distill.testing import sdxl_unet_on_meta
 from train.config import config_to_dict, config_to_yaml, load_config
 from train.digits.data import TIME_IDS
+from train.errors import UserError
 from train.export import export_stage, main
 from train.export_info import LORA_FORMAT, UNET_FORMAT, read_export_info
 from train.models import load_base, load_student, plain_state_dict, save_student
@@ -296,7 +297,7 @@ def test_cli_exports_selected_stages_in_another_dtype(tmp_path, digits_dir):
     for path in written[:2]:
         assert {v.dtype for v in load_file(path).values() if v.ndim} == {torch.float16}
     assert read_export_info(written[1]).lora_rank == 3  # --lora-rank wins over export.lora_rank
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="no finished student for the 8-step stage"):
         main([str(tmp_path), "--stages", "8"])  # no 8-step final in this run
 
 

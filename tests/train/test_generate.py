@@ -13,6 +13,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from train.config import config_to_yaml, load_config
+from train.errors import UserError
 from train.export import export_stage
 from train.export_info import read_export_info
 from train.generate import choose_steps, main
@@ -43,7 +44,7 @@ def test_step_count_comes_from_the_metadata(exports):
     info = read_export_info(exports[0])
     assert info.num_inference_steps == 2
     assert choose_steps(info, None) == 2 and choose_steps(info, 2) == 2
-    with pytest.raises(ValueError, match="distilled for 2 steps, not 4"):
+    with pytest.raises(UserError, match="distilled for 2 steps, not 4"):
         choose_steps(info, 4)
     assert choose_steps(info, 4, force=True) == 4
 
@@ -51,9 +52,9 @@ def test_step_count_comes_from_the_metadata(exports):
 def test_cli_refuses_another_step_count_unless_forced(exports, digits_dir, tmp_path, capsys):
     out = tmp_path / "grid.png"
     args = ["--base", str(digits_dir), "--export", str(exports[0]), "--prompt", "a handwritten digit one"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="distilled for 2 steps"):
         main([*args, "--steps", "4", "--out", str(out)])
-    assert "distilled for 2 steps" in capsys.readouterr().err and not out.exists()
+    assert not out.exists()
     main([*args, "--steps", "4", "--force-steps", "--out", str(out)])
     assert Image.open(out).size == (32, 32)
 
@@ -79,6 +80,6 @@ def test_cli_renders_a_lora_and_checks_the_kind(exports, digits_dir, tmp_path):
     main(["--base", str(digits_dir), "--export", str(lora), "--lora", "--prompt", "a handwritten digit four",
           "--out", str(out)])
     assert Image.open(out).size == (32, 32)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="not a LoRA"):
         main(["--base", str(digits_dir), "--export", str(exports[0]), "--lora", "--prompt", "x",
               "--out", str(tmp_path / "no.png")])

@@ -50,7 +50,8 @@ def test_front_matter_follows_hugging_face_conventions(run):
 
 def test_every_exported_file_is_in_the_table(run):
     text = _card(run)
-    files = sorted(p.name for p in (run[0] / "export").iterdir() if p.name != "README.md")
+    files = sorted(p.name for p in (run[0] / "export").iterdir()
+                   if p.name not in ("README.md", "manifest.json"))  # the card, the integrity record
     assert len(files) == 13  # 5 weights, 5 workflows, 1 LoRA report, 2 sample grids
     for name in files:
         assert f"| `{name}` |" in text, name
@@ -107,13 +108,14 @@ def test_recipe_and_lora_error_are_described(run):
 def test_card_only_rewrites_the_card_alone(run):
     root, _ = run
     export = root / "export"
-    before = {p.name: p.stat().st_mtime_ns for p in export.iterdir() if p.name != "README.md"}
+    unchanged = {"README.md", "manifest.json"}  # the manifest records the card's new hash
+    before = {p.name: p.stat().st_mtime_ns for p in export.iterdir() if p.name not in unchanged}
     (root / "evaluation.md").write_text("| steps | FD ↓ | accuracy ↑ |\n|---|---|---|\n| 4 | 12.3 | 0.9 |\n")
     try:
         assert main([str(root), "--card-only"]) == [export / "README.md"]
         text = _card(run)
         assert "## Evaluation" in text and "| 4 | 12.3 | 0.9 |" in text
-        assert {p.name: p.stat().st_mtime_ns for p in export.iterdir() if p.name != "README.md"} == before
+        assert {p.name: p.stat().st_mtime_ns for p in export.iterdir() if p.name not in unchanged} == before
     finally:
         (root / "evaluation.md").unlink()
         main([str(root), "--card-only"])

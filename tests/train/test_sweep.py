@@ -204,8 +204,9 @@ def test_rerun_skips_finished_and_failed_run_is_reported(short_sweep):
     assert again.stdout.count("finished, skipped") == 2 and "[bucket_edges-" not in again.stdout
     assert {n: len(read_metrics(root / n)) for n in before} == before  # no new metrics rows
 
-    # A run that fails at its first step (config valid), listed before a finished one: the
-    # failure is reported, the sweep goes on to the next run, and exits non-zero at the end.
+    # A run that fails at its first step (config valid; too many non-finite steps, a user error:
+    # exit status 2), listed before a finished one: the failure is reported, the sweep goes on
+    # to the next run, and exits non-zero at the end.
     text = sweep.read_text().split("grid:")[0] + (
         "runs:\n"
         "  - {name: broken, runtime.fault_nonfinite_steps: [0], runtime.max_nonfinite_steps: 1}\n"
@@ -216,7 +217,7 @@ def test_rerun_skips_finished_and_failed_run_is_reported(short_sweep):
     assert "1 of 2 runs failed: broken" in mixed.stderr
     assert len(read_metrics(root / "bucket_edges-500")) == before["bucket_edges-500"]
     status = {r["run"]: r["status"] for r in _read_csv(root / "results.csv")}
-    assert status == {"broken": "failed (exit 1)", "bucket_edges-500": "finished"}
+    assert status == {"broken": "failed (exit 2)", "bucket_edges-500": "finished"}
 
 
 @pytest.mark.e2e

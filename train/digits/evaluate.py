@@ -11,6 +11,7 @@ so that importing the package never imports the module `-m` runs).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from train.digits.metrics import (
     render_digits,
     score_digits,
 )
+from train.embedded import check_base_layout
+from train.errors import add_debug_flag, run_cli
 from train.pipeline import load_pipeline
 from train.validation import save_grid
 
@@ -43,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help="save sample grids, e.g. docs/digits_{steps}.png")
     p.add_argument("--cache-root", default=None)
+    add_debug_flag(p)
     args = p.parse_args(argv)
+    check_base_layout(Path(args.model))  # a one-line error for a wrong folder; the export is
+    # verified by load_pipeline
 
     guidance = args.guidance
     if guidance is None:
@@ -72,4 +78,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
