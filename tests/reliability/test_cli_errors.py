@@ -231,6 +231,20 @@ def test_evaluate_cli_refuses_an_sd15_folder(sd15_dir, capsys):
     assert status == 2 and "SD1.5-style UNet (no text_time embedding)" in line
 
 
+def test_scripts_user_errors(sd15_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import make_digits_shards
+    import precompute_latents
+
+    status, line = _cli(precompute_latents.main, ["--model", str(sd15_dir), "--shards", "x.tar",
+                                                  "--out", str(tmp_path / "latents")], capsys)
+    assert status == 2 and "SD1.5-style UNet (no text_time embedding)" in line
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(sys, "argv", ["make_digits_shards.py", "--out", str(tmp_path / "file" / "shards")])
+    status, line = _cli(lambda _: make_digits_shards.main(), None, capsys)
+    assert status == 2 and line.startswith("error: --out cannot be used as a folder: a parent is a file")
+
+
 def test_debug_adds_the_traceback(tmp_path, capsys):
     before = os.environ.pop(DEBUG_ENV, None)
     try:
