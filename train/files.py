@@ -4,7 +4,8 @@ Every file or folder the framework publishes (checkpoints, phase and stage final
 cached embedded models and shards, the evaluator's classifier) is written under a temporary
 sibling name and renamed into place when complete: a path that exists is complete by
 construction (ARCHITECTURE.md pitfall 1). A published folder records its manifest last, just
-before the rename (`publish`), so a later reader can tell it is still intact (pitfall 12). This module is the one definition of that pattern.
+before the rename (`publish`), so a later reader can tell it is still intact (pitfall 12).
+This module is the one definition of that pattern.
 
 Two more things that happen to files on disk live here: a write that runs out of space
 becomes a `DiskFull` error naming the folder (`disk_full_guard`; the staging copy is removed
@@ -45,8 +46,9 @@ def _free_bytes(path: Path) -> int | None:
 
 def is_disk_full(exc: BaseException, where: Path) -> bool:
     """Whether `exc`, raised while writing under `where`, means the disk (or quota) is full."""
-    seen = exc
-    while seen is not None:
+    seen, visited = exc, set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if "No space left on device" in str(seen) or "os error 28" in str(seen):

@@ -81,7 +81,7 @@ class Reference:
     config: Path
     run: Path  # a finished, uninterrupted run
     seconds: float  # its wall time, start to exit
-    work_s: float  # from config.yaml written (imports done, run dir locked) to the last file
+    total_steps: int  # optimizer steps over the whole recipe (the last global step logged)
     cache: Path
 
 
@@ -96,12 +96,10 @@ def reference_run(digits_cache: Path, tmp_path_factory) -> Reference:
         start = time.time()
         result = run_train(config, root / "run", digits_cache)
         assert result.returncode == 0, result.stderr[-4000:]
-        run = root / "run"
-        last = max(p.stat().st_mtime for p in run.rglob("*") if p.is_file())
         done.write_text(json.dumps({"seconds": time.time() - start,
-                                    "work_s": last - (run / "config.yaml").stat().st_mtime}))
-    times = json.loads(done.read_text())
-    return Reference(root / "short.yaml", root / "run", times["seconds"], times["work_s"], digits_cache)
+                                    "total_steps": _logged_step(root / "run" / "metrics.jsonl", 0)}))
+    info = json.loads(done.read_text())
+    return Reference(root / "short.yaml", root / "run", info["seconds"], info["total_steps"], digits_cache)
 
 
 def copy_run(run: Path, to: Path) -> Path:
@@ -235,55 +233,63 @@ def _new_writes(run: Path, before: dict) -> list[str]:
 
 @dataclass(frozen=True)
 class Moment:
-    """When to kill: `at_s` seconds after the start, then (kind "write") as soon as something
-    is being written, within `patience_s`."""
+    """When to kill: once this run has logged global step `after_step` (so moments fall in the
+    work, whatever the machine's speed), then either `delay_s` later ("time") or as soon as
+    something is being written ("write": a checkpoint, final, export or manifest)."""
 
     kind: str  # "time" | "write"
-    at_s: float
+    after_step: int
+    delay_s: float = 0.0
     patience_s: float = 10.0
 
 
-def seeded_moments(seed: int, count: int, work_s: float) -> list[Moment]:
-    """`count` kill moments: the k-th (from 1) within the first 0.6/k of the work, since each
-    restart resumes further on and has less left to do; kind "time" or "write" at random."""
+def seeded_moments(seed: int, count: int, total_steps: int) -> list[Moment]:
+    """`count` moments at distinct, increasing global steps in 1..total_steps (the last step is
+    followed by the last stage's final and exports), each of a random kind."""
     rng = random.Random(seed)
-    return [Moment(rng.choice(("time", "write")), rng.uniform(0.0, 0.6 * work_s / k))
-            for k in range(1, count + 1)]
+    steps = sorted(rng.sample(range(1, total_steps + 1), count))
+    return [Moment(rng.choice(("time", "write")), step, rng.uniform(0.0, 1.5)) for step in steps]
 
 
-def wait_for_lock(proc: subprocess.Popen, run: Path, timeout_s: float = 300) -> bool:
-    """Until the run holds its run.lock (imports done); False if it ended first."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and proc.poll() is None:
+def _logged_step(metrics: Path, offset: int) -> int:
+    """The highest global step this run has logged (rows after `offset`)."""
+    try:
+        with metrics.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return -1
+    best = -1
+    for line in text.splitlines():
         try:
-            if json.loads((run / "run.lock").read_text() or "{}").get("pid") == proc.pid:
-                return True
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    return False
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step_ok" in row:
+            best = max(best, int(row["global_step"]))
+    return best
 
 
-def kill_at(proc: subprocess.Popen, run: Path, moment: Moment) -> str:
-    """Kill the run `moment.at_s` after it has locked its run directory (so the moments fall
-    in the work, not in the imports); returns what it was doing (for the test's report)."""
-    if not wait_for_lock(proc, run):
-        return "finished before the kill"
-    start, leftovers = time.time(), staging_paths(run)
-    while time.time() - start < moment.at_s:
-        if proc.poll() is not None:
-            return "finished before the kill"
-        time.sleep(0.01)
-    if moment.kind == "write":
-        deadline = time.time() + moment.patience_s
-        while time.time() < deadline and proc.poll() is None and not _new_writes(run, leftovers):
+def start_and_kill(config: Path, out: Path, cache: Path, moment: Moment, log: Path | None = None) -> str:
+    """Start the run, kill it at `moment`; returns what it was doing (for the test's report)."""
+    metrics = out / "metrics.jsonl"
+    offset = metrics.stat().st_size if metrics.is_file() else 0
+    proc = start_train(config, out, cache, log=log)
+    while proc.poll() is None and _logged_step(metrics, offset) < moment.after_step:
+        time.sleep(0.005)
+    leftovers, start = staging_paths(out), time.time()
+    if moment.kind == "time":
+        while proc.poll() is None and time.time() - start < moment.delay_s:
+            time.sleep(0.005)
+    else:
+        while proc.poll() is None and time.time() - start < moment.patience_s and not _new_writes(out, leftovers):
             time.sleep(0.002)
-    writing = _new_writes(run, leftovers)
+    writing = _new_writes(out, leftovers)
     if proc.poll() is not None:
         return "finished before the kill"
     kill9(proc)
-    phase = _newest_phase(run)
-    return f"killed at {time.time() - start:.1f}s in {phase}" + (f" writing {writing}" if writing else "")
+    return (f"killed {time.time() - start:.2f}s after step {moment.after_step} in {_newest_phase(out)}"
+            + (f" writing {writing}" if writing else ""))
 
 
 def _newest_phase(run: Path) -> str:

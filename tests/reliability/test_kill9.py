@@ -2,24 +2,18 @@
 the same command again: the exports are bitwise equal to an uninterrupted run's, and nothing
 is ever set aside as damaged (a killed write never leaves a published file torn).
 
-The default run kills one run twice; `-m slow` runs five more trials of two kills each (N = 10).
-The k-th kill of a trial falls within the first 0.6/k of the work (after the run has locked its
-directory, so not in the imports), and every kill must land before the run ends.
-About half the moments are "write" moments: after a random delay the test waits for a staging file
-or folder (`*.tmp`: a checkpoint, final, export or manifest being written) and kills then.
+A moment is a global step drawn at random (seeded) over the whole recipe: once the run has
+logged it, the kill comes after a random delay of up to 1.5 s, or (about half the moments) as
+soon as a checkpoint, final, export or manifest starts being written (its `*.tmp` staging
+file or folder appears). Steps, not seconds, so the moments fall in the work whatever the
+machine's load. The default run kills one run twice; `-m slow` runs five more trials of two
+kills each (N = 10), each at increasing steps of one trial, and every kill must land.
 """
 
 from __future__ import annotations
 
 import pytest
-from faults import (
-    export_differences,
-    kill_at,
-    reference_run,
-    run_train,
-    seeded_moments,
-    start_train,
-)
+from faults import export_differences, reference_run, run_train, seeded_moments, start_and_kill
 
 pytestmark = pytest.mark.e2e
 KILLS_PER_TRIAL = 2
@@ -32,18 +26,17 @@ def reference(digits_cache, tmp_path_factory):
 
 def _trial(reference, tmp_path, seed: int) -> list[str]:
     out = tmp_path / "run"
-    moments = seeded_moments(seed, KILLS_PER_TRIAL, reference.work_s)
     report = []
-    for moment in moments:
-        proc = start_train(reference.config, out, reference.cache, log=tmp_path / "killed.log")
-        report.append(f"{moment.kind}@{moment.at_s:.1f}s: {kill_at(proc, out, moment)}")
+    for moment in seeded_moments(seed, KILLS_PER_TRIAL, reference.total_steps):
+        what = start_and_kill(reference.config, out, reference.cache, moment, log=tmp_path / "killed.log")
+        report.append(f"{moment.kind} after step {moment.after_step}: {what}")
     result = run_train(reference.config, out, reference.cache)
     assert result.returncode == 0, result.stderr[-4000:]
     print(f"seed {seed}: " + "; ".join(report))
     assert export_differences(reference.run, out) == [], report
     assert not list(out.rglob("*.corrupt*")), "a kill left a damaged published file"
     assert "is damaged" not in result.stderr
-    assert all("killed at" in r for r in report), report  # every kill landed before the end
+    assert all(": killed" in r for r in report), report  # every kill landed before the end
     return report
 
 
