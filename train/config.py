@@ -25,6 +25,7 @@ PREDICTION_TYPES = ("auto", "epsilon", "v_prediction", "sample")
 D_LOSSES = ("nonsaturating", "hinge")
 D_REINIT = ("stage", "phase")
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 class ConfigError(ValueError):
@@ -118,11 +119,13 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     warmup_steps: int = 0  # linear LR warm-up at the start of every phase, in steps
     lr_schedule: str = "constant"  # constant | cosine (decay to 0 over the phase)
+    optimizer: str = "adamw"  # adamw (torch, 8 bytes of state per parameter) | adamw8bit (bitsandbytes, 2 bytes; CUDA only)
 
     def __post_init__(self):
         _positive(self, "lr_mse", "lr_adv_lora", "lr_adv_full", "discriminator_lr")
         _positive(self, "weight_decay", "max_grad_norm", "warmup_steps", allow_zero=True)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
         for name in ("betas_mse", "betas_adv"):
             betas = getattr(self, name)
             if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
@@ -155,6 +158,8 @@ class RuntimeConfig:
     max_nonfinite_steps: int = 10  # stop after this many skipped (non-finite) steps in a row
     nccl_timeout_s: int = 7200  # process-group timeout in seconds (rank-0 validation/export)
     fault_nonfinite_steps: list[int] = field(default_factory=list)  # fault injection (tests): global steps whose student loss is made NaN
+    compile: bool = False  # torch.compile the student UNet and the discriminator (in place, keys unchanged)
+    compile_backend: str = "inductor"  # torch.compile backend (inductor; eager/aot_eager to debug)
 
     def __post_init__(self):
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
