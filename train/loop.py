@@ -233,10 +233,11 @@ def _on_nonfinite(ctx: _Run, plan: PhasePlan, step: int, in_row: int) -> None:
 def _log_step(ctx: _Run, plan: PhasePlan, global_step: int, step: int, *, lr: float,
               samples_per_s: float, skipped: int, ok: bool, outcome: StepOutcome, data_skips: dict,
               bar) -> None:
+    metrics = outcome.metrics  # the host synchronisation, paid on logged steps only
     ctx.tracker.log({"global_step": global_step, "stage": plan.stage_name, "phase": plan.name,
                      "step": step, "lr": lr, "samples_per_s": samples_per_s, "skipped_steps": skipped,
-                     "step_ok": ok, **outcome.metrics, "data_skips": data_skips})
-    bar.set_postfix({k: f"{v:.3g}" for k, v in outcome.metrics.items() if k.startswith("loss")})
+                     "step_ok": ok, **metrics, "data_skips": data_skips})
+    bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss")})
 
 
 def _publish_phase_final(ctx: _Run, plan: PhasePlan, models: PhaseModels) -> None:
