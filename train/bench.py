@@ -21,7 +21,6 @@ achieved FLOP/s over the peak given. Peak memory is the process RSS on CPU (samp
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -44,7 +43,8 @@ class PhaseBench:
     phase: str
     batch_size: int
     seconds: dict[str, float] = field(default_factory=dict)  # bucket → mean seconds per step
-    alone: dict[str, float] = field(default_factory=dict)  # model pass → mean seconds, run alone
+    alone: dict[str, float] = field(default_factory=dict)  # model pass → median seconds, run alone
+    ratios: list[float] = field(default_factory=list)  # per timed step: step without data / its passes alone
     flops: float = 0.0  # per step (forward + backward, teacher included)
     peak_bytes: int = 0
 
@@ -59,7 +59,11 @@ class PhaseBench:
 
     @property
     def overhead(self) -> float:
-        return self.train_s / max(sum(self.alone.values()), 1e-12)
+        """Median over the timed steps of (step without data) / (its passes alone, run right
+        after it on the same inputs): pairing each step with its own passes and the median keep
+        other jobs on a shared machine from skewing the ratio."""
+        ratios = sorted(self.ratios)
+        return ratios[len(ratios) // 2] if ratios else float("nan")
 
     def mfu(self, peak_flops: float) -> float:
         return self.flops / max(self.train_s, 1e-12) / peak_flops if peak_flops else float("nan")
@@ -73,6 +77,7 @@ class SplitTimer:
         self.totals: dict[str, float] = defaultdict(float)
         self.stack: list[str] = []
         self.mark = time.perf_counter()
+        self.paused = False
 
     def _switch(self):
         self.sync()
@@ -82,14 +87,20 @@ class SplitTimer:
         self.mark = now
 
     def push(self, bucket: str) -> None:
+        if self.paused:
+            return
         self._switch()
         self.stack.append(bucket)
 
     def pop(self) -> None:
+        if self.paused:
+            return
         self._switch()
         self.stack.pop()
 
     def replace_top(self, bucket: str) -> None:
+        if self.paused or not self.stack:
+            return
         self._switch()
         self.stack[-1] = bucket
 
@@ -162,36 +173,34 @@ def remove(handles: list) -> None:
 
 
 class PeakMemory:
-    """Peak process RSS (CPU, sampled every 2 ms) or CUDA max_memory_allocated."""
+    """Peak memory over a block: CUDA max_memory_allocated, or on CPU the process's RSS
+    high-water mark (Linux VmHWM, reset through /proc/self/clear_refs: no sampling thread to
+    compete with the step for the GIL)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak = 0
-        self._stop = threading.Event()
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            import psutil
-
-            proc = psutil.Process()
-            self.peak = proc.memory_info().rss
-
-            def poll():
-                while not self._stop.wait(0.002):
-                    self.peak = max(self.peak, proc.memory_info().rss)
-
-            self._thread = threading.Thread(target=poll, daemon=True)
-            self._thread.start()
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            self._stop.set()
-            self._thread.join()
+            self.peak = rss_high_water_mark()
+
+
+def rss_high_water_mark() -> int:
+    """VmHWM of this process in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (peak RSS needs Linux)")
 
 
 def solo_plan(plan: PhasePlan, base_prediction_type: str) -> PhasePlan:
@@ -242,14 +251,23 @@ def bench_phase(plan: PhasePlan, models: PhaseModels, next_batch, accelerator, d
             for i in range(warmup):
                 one_step(i)
             timer.totals.clear()
+            alone: dict[str, list[float]] = defaultdict(list)
             for i in range(steps):
+                before = dict(timer.totals)
                 x0, cond, point = one_step(warmup + i)
+                train_s = sum(v - before.get(k, 0.0) for k, v in timer.totals.items() if k != "data")
+                timer.paused = True
+                passes = passes_alone(plan, models, point, cond, d_cfg, steps=1, sync=_sync(device))
+                timer.paused = False
+                for name, seconds in passes.items():
+                    alone[name].append(seconds)
+                result.ratios.append(train_s / sum(passes.values()))
         result.peak_bytes = peak.peak
     finally:
         remove(handles)
     result.batch_size = x0.shape[0]
     result.seconds = {b: timer.totals.get(b, 0.0) / steps for b in BUCKETS}
-    result.alone = passes_alone(plan, models, point, cond, d_cfg, steps=steps, sync=_sync(device))
+    result.alone = {k: sorted(v)[len(v) // 2] for k, v in alone.items()}
     counter = FlopCounterMode(display=False)
     with counter:
         ctx = StepContext(accelerator, update, d_cfg, 0, torch.Generator().manual_seed(seed), poison=False)
@@ -264,14 +282,15 @@ def passes_alone(plan: PhasePlan, models: PhaseModels, point, cond, d_cfg, *, st
     from accelerate.utils import extract_model_from_parallel
 
     student, teacher = models.student, models.teacher
-    timings: dict[str, list[float]] = defaultdict(list)
+    timings: dict[str, list[float]] = defaultdict(list)  # per pass name: seconds per repetition
+    current: dict[str, float] = defaultdict(float)  # this repetition's seconds per pass name
 
     def timed(name, fn):
         sync()
         start = time.perf_counter()
         out = fn()
         sync()
-        timings[name].append(time.perf_counter() - start)
+        current[name] += time.perf_counter() - start
         return out
 
     params = models.params_g + (models.params_d or [])
@@ -296,8 +315,10 @@ def passes_alone(plan: PhasePlan, models: PhaseModels, point, cond, d_cfg, *, st
             logits = timed("disc_fwd", lambda: d(both, torch.cat([point.t_next, point.t_next]),
                                                  cond.cat(cond), twice))
             timed("disc_bwd", lambda: logits.float().mean().backward(retain_graph=context is not None))
-            if context is not None:
-                context = type(context)([a.detach() for a in context.down], context.mid.detach())
+            if context is not None and d_cfg.backbone_trainable:
+                # the step encodes x_t again after the D update, without gradient, for the G step
+                with torch.no_grad():
+                    context = timed("disc_fwd", lambda: d.encode(point.x_t, point.t, cond))
             d.requires_grad_(False)
             g_logits = timed("disc_fwd", lambda: d(fake, point.t_next, cond, context))
             timed("student_bwd", lambda: g_logits.float().mean().backward())
@@ -309,9 +330,12 @@ def passes_alone(plan: PhasePlan, models: PhaseModels, point, cond, d_cfg, *, st
             p.grad = None
 
     for _ in range(steps):
+        current.clear()
         once()
+        for name, seconds in current.items():
+            timings[name].append(seconds)
 
-    return {k: sum(v) / len(v) for k, v in timings.items()}
+    return {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
 
 
 def _step_all(models: PhaseModels) -> None:
