@@ -34,6 +34,7 @@ from train.models import (
     load_student,
     read_discriminator_state,
     read_student,
+    shared_unet,
     torch_dtype,
 )
 from train.text import latent_size
@@ -148,8 +149,11 @@ def compile_module(module: torch.nn.Module, backend: str) -> torch.nn.Module:
 
 def build_student(cfg: Config, plan: PhasePlan, start: Path | None, base: BaseModel) -> Student:
     """The phase's student in its form, from `start` (None: the base model)."""
-    if start is None:
-        unet, prediction_type = copy.deepcopy(base.unet), base.prediction_type
+    if start is None and plan.form == "lora":
+        # The adapter trains, the base stays frozen: share its weights instead of copying them.
+        unet, prediction_type = shared_unet(base.unet), base.prediction_type
+    elif start is None:
+        unet, prediction_type = copy.deepcopy(base.unet).float(), base.prediction_type  # trainable: fp32
     else:
         unet, prediction_type = load_student(start, base, fold_lora=plan.form == "full")
     if plan.form == "lora" and not has_lora(unet):
@@ -176,7 +180,7 @@ def build_teacher(plan: PhasePlan, layout: RunLayout, base: BaseModel, student_u
         return Teacher(student_unet, base.schedule, plan.teacher.prediction_type,
                        plan.teacher.guidance_scale, disable_adapter=True)
     if source is None:
-        unet = base.unet if dtype == torch.float32 else copy.deepcopy(base.unet).to(dtype)
+        unet = base.unet if base.unet.dtype == dtype else copy.deepcopy(base.unet).to(dtype)
     else:
         unet, _ = load_student(source, base, fold_lora=True)
         unet = unet.to(dtype)
@@ -192,6 +196,8 @@ def build_discriminator(d_cfg: DiscriminatorConfig, plan: PhasePlan, base: BaseM
                          head_channels=d_cfg.head_channels or None,
                          latent_size=latent_size(base.vae, resolution),
                          share_weights=not d_cfg.backbone_trainable)
+    if d_cfg.backbone_trainable:
+        disc.backbone.float()  # a trainable copy of a low-precision frozen base trains in fp32
     if d_cfg.gradient_checkpointing:
         disc.backbone.enable_gradient_checkpointing()
     return disc

@@ -51,9 +51,11 @@ class ModelConfig:
     base: str = "digits:full"  # diffusers folder of the base model, or digits:full / digits:tiny (built on first use)
     cache_dir: str = ""  # cache for embedded models and shards; "" = $DISTILL_CACHE or ~/.cache/lightning-distill
     prediction_type: str = "auto"  # base UNet output: auto (its scheduler config) | epsilon | v_prediction | sample
+    frozen_dtype: str = "fp32"  # dtype the frozen base UNet and text encoders are held in: fp32 | bf16 | fp16 (not fp32: needs runtime.mixed_precision; halves their memory)
 
     def __post_init__(self):
         _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _choice("frozen_dtype", self.frozen_dtype, DTYPES)
         if not self.base:
             raise ConfigError("base: empty; give a diffusers model folder or digits:full / digits:tiny")
         if self.base.startswith("digits:"):
@@ -241,6 +243,9 @@ class Config:
             # first validation grid after hours of training.
             raise ConfigError(f"validation.prompts: required unless model.base is an embedded "
                               f"digits model; {self.model.base} brings no prompts of its own")
+        if self.model.frozen_dtype != "fp32" and self.runtime.mixed_precision == "no":
+            raise ConfigError(f"model.frozen_dtype: {self.model.frozen_dtype} frozen weights need "
+                              f"runtime.mixed_precision=bf16|fp16 (autocast); with 'no' use fp32")
         expand_recipe(self.stages)  # cross-stage checks (teacher chaining, skip levels, forms)
 
 

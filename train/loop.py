@@ -280,9 +280,10 @@ def _validate(ctx: _Run, plan: PhasePlan, unet, prediction_type: str, global_ste
     the caller holds the other ranks at a barrier (NCCL timeout raised for this, pitfall 9)."""
     v, base = ctx.cfg.validation, ctx.base
     prompts = validation_prompts(ctx.cfg.model, v)
-    images = render(unet, prediction_type, plan.student_steps, schedule=base.schedule, vae=base.vae,
-                    text=base.text, prompts=prompts, images_per_prompt=v.images_per_prompt,
-                    seed=v.seed, resolution=ctx.cfg.data.resolution)
+    with ctx.accelerator.autocast():  # a LoRA student's frozen base may be bf16 (model.frozen_dtype)
+        images = render(unet, prediction_type, plan.student_steps, schedule=base.schedule, vae=base.vae,
+                        text=base.text, prompts=prompts, images_per_prompt=v.images_per_prompt,
+                        seed=v.seed, resolution=ctx.cfg.data.resolution)
     path = save_grid(images, ctx.layout.sample_grid(plan, tag), v.images_per_prompt, scale=2)
     ctx.tracker.log_image(f"samples/{plan.stage_name}", path, global_step,
                           caption=f"{plan.student_steps}-step student, {plan.stage_name}/{plan.name} {tag}")
