@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per phase")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16 dense)")
-    p.add_argument("--phases", nargs="*", default=None, help="phase kinds to run (default: all in the recipe)")
+    p.add_argument("--phases", nargs="*", default=None, help="phase kinds to run, KIND or KIND:FORM (default: all in the recipe)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_intermixed_args(argv)
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         layout = RunLayout.for_stages(tmp, cfg.stages)
         for plan in plans:
-            if args.phases and plan.kind not in args.phases:
+            if args.phases and not {plan.kind, f"{plan.kind}:{plan.form}"} & set(args.phases):
                 continue
             torch.manual_seed(cfg.seed)
             if plan.kind == "merge":

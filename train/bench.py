@@ -45,7 +45,7 @@ class PhaseBench:
     seconds: dict[str, float] = field(default_factory=dict)  # bucket → mean seconds per step
     alone: dict[str, float] = field(default_factory=dict)  # model pass → median seconds, run alone
     ratios: list[float] = field(default_factory=list)  # per timed step: step without data / its passes alone
-    flops: float = 0.0  # per step (forward + backward, teacher included)
+    flops: float = 0.0  # per step (forward + backward, teacher included; data excluded)
     peak_bytes: int = 0
 
     @property
@@ -249,7 +249,12 @@ def bench_phase(plan: PhasePlan, models: PhaseModels, next_batch, accelerator, d
     try:
         with PeakMemory(device) as peak:
             for i in range(warmup):
-                one_step(i)
+                if i == 0:  # FLOPs are counted on the first warm-up step (untimed)
+                    with FlopCounterMode(display=False) as counter:
+                        one_step(i)
+                    result.flops = counter.get_total_flops()
+                else:
+                    one_step(i)
             timer.totals.clear()
             alone: dict[str, list[float]] = defaultdict(list)
             for i in range(steps):
@@ -268,11 +273,11 @@ def bench_phase(plan: PhasePlan, models: PhaseModels, next_batch, accelerator, d
     result.batch_size = x0.shape[0]
     result.seconds = {b: timer.totals.get(b, 0.0) / steps for b in BUCKETS}
     result.alone = {k: sorted(v)[len(v) // 2] for k, v in alone.items()}
-    counter = FlopCounterMode(display=False)
-    with counter:
-        ctx = StepContext(accelerator, update, d_cfg, 0, torch.Generator().manual_seed(seed), poison=False)
-        train_step(plan, models, point, cond, ctx)
-    result.flops = counter.get_total_flops()
+    if not warmup:
+        with FlopCounterMode(display=False) as counter:
+            ctx = StepContext(accelerator, update, d_cfg, 0, torch.Generator().manual_seed(seed), poison=False)
+            train_step(plan, models, point, cond, ctx)
+        result.flops = counter.get_total_flops()
     return result
 
 
