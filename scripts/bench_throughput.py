@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     next_batch = _batches(cfg, base, acc.device)
     plans = [solo_plan(pl, base.prediction_type) for pl in representatives(expand_recipe(cfg.stages, base.prediction_type))]
     rows, merge_s = [], None
+    order = {k: i for i, k in enumerate(args.phases or [])}
+    plans.sort(key=lambda pl: min(order.get(pl.kind, 99), order.get(f"{pl.kind}:{pl.form}", 99)))
     with tempfile.TemporaryDirectory() as tmp:
         layout = RunLayout.for_stages(tmp, cfg.stages)
         for plan in plans:
@@ -72,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             row = bench_phase(plan, models, next_batch, acc, cfg.discriminator, steps=args.steps,
                               warmup=args.warmup, max_grad_norm=cfg.optim.max_grad_norm, seed=cfg.seed)
             rows.append(row)
-            print(f"{row.phase}: {row.step_s:.3f} s/step, overhead {row.overhead:.2f}", flush=True)
+            print(f"{row.phase}: {row.step_s:.3f} s/step, overhead {row.overhead:.2f}, "
+                  f"peak {row.peak_bytes / 2**30:.2f} GiB, {row.flops / 1e9:.0f} GFLOP/step", flush=True)
+            if args.json:  # after every phase, so a long run that is stopped keeps what it measured
+                _write_json(args, rows, None, machine_name(acc.device))
             del models
             gc.collect()
             acc.free_memory()
@@ -84,10 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     if merge_s is not None:
         print(f"\nmerge (fold the LoRA into the weights): {merge_s:.3f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"device": device, "config": args.config, "overrides": args.overrides, "merge_s": merge_s,
-             "rows": [asdict(r) | {"step_s": r.step_s, "overhead": r.overhead} for r in rows]}, indent=2))
+        _write_json(args, rows, merge_s, device)
     return 0
+
+
+def _write_json(args, rows, merge_s, device) -> None:
+    Path(args.json).write_text(json.dumps(
+        {"device": device, "config": args.config, "overrides": args.overrides, "merge_s": merge_s,
+         "rows": [asdict(r) | {"step_s": r.step_s, "overhead": r.overhead} for r in rows]}, indent=2))
 
 
 def _copy_unet(base):
