@@ -26,7 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("config", help="YAML config, e.g. configs/digits.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config and recipe, then exit")
+                        help="print the resolved config, the recipe and its memory plan, then exit")
+    parser.add_argument("--device-memory", default=None, metavar="SIZE",
+                        help="with --dry-run: say whether each phase fits a device of SIZE "
+                             "(e.g. 80GB) and, if not, which options make it fit")
     add_debug_flag(parser)
     return parser.parse_intermixed_args(argv)
 
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"#  {plan.index:2d} stages/{plan.stage_name}/{plan.name:<22s} form={plan.form:<4s} "
                   f"steps={plan.steps:<6d} teacher={teacher} ({plan.teacher.steps}-step grid, "
                   f"cfg {plan.teacher.guidance_scale:g}) prediction={plan.prediction_type}")
+        _print_memory_plan(cfg, args.device_memory)
         return 0
     # Optional heavy import (diffusers, transformers, accelerate: seconds): only once the config
     # is known good, so config errors and --dry-run answer at once.
@@ -49,6 +53,22 @@ def main(argv: list[str] | None = None) -> int:
 
     run(cfg)
     return 0
+
+
+def _print_memory_plan(cfg, device_memory: str | None) -> None:
+    """Per-phase memory from the base's architecture (fake tensors: nothing is allocated)."""
+    # Optional heavy import (diffusers and torch's fake-tensor machinery): only for --dry-run.
+    from train.memory_plan import base_architecture, config_plan, format_table, parse_bytes
+
+    device_bytes = parse_bytes(device_memory) if device_memory else None
+    arch = base_architecture(cfg.model.base)
+    if arch is None:
+        print(f"# memory plan: no architecture at hand for {cfg.model.base} (build it first)")
+        return
+    print(f"# memory plan per device: {cfg.data.resolution} px, batch {cfg.data.batch_size}, "
+          f"mixed precision {cfg.runtime.mixed_precision}")
+    for line in format_table(config_plan(cfg, arch, device_bytes), device_bytes).splitlines():
+        print("# " + line)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from train.models import (
     load_student,
     read_discriminator_state,
     read_student,
+    shared_unet,
     torch_dtype,
 )
 from train.text import latent_size
@@ -118,13 +119,41 @@ class PhaseModels:
                 group["lr"] = self.lr.discriminator * factor
 
 
+def make_optimizer(params: list, *, lr: float, betas: tuple, weight_decay: float,
+                   kind: str, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (torch) or bitsandbytes' 8-bit AdamW (`optim.optimizer=adamw8bit`: 2 bytes of
+    state per parameter instead of 8; its kernels run on CUDA only)."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if kind != "adamw8bit":
+        raise ValueError(f"optimizer {kind!r} is not one of ['adamw', 'adamw8bit']")
+    if device.type != "cuda":
+        raise RuntimeError(f"optim.optimizer=adamw8bit needs a CUDA device (bitsandbytes' 8-bit AdamW "
+                           f"has CUDA kernels only); this run is on {device.type}: use optim.optimizer=adamw")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise RuntimeError("optim.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from err
+    return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def compile_module(module: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """`runtime.compile`: torch.compile in place (`nn.Module.compile`), so state-dict keys,
+    checkpoints, exports and accelerate's unwrap see the same module."""
+    module.compile(backend=backend)
+    return module
+
+
 # ----------------------------------------------------------------------------- students & teachers
 
 
 def build_student(cfg: Config, plan: PhasePlan, start: Path | None, base: BaseModel) -> Student:
     """The phase's student in its form, from `start` (None: the base model)."""
-    if start is None:
-        unet, prediction_type = copy.deepcopy(base.unet), base.prediction_type
+    if start is None and plan.form == "lora":
+        # The adapter trains, the base stays frozen: share its weights instead of copying them.
+        unet, prediction_type = shared_unet(base.unet), base.prediction_type
+    elif start is None:
+        unet, prediction_type = copy.deepcopy(base.unet).float(), base.prediction_type  # trainable: fp32
     else:
         unet, prediction_type = load_student(start, base, fold_lora=plan.form == "full")
     if plan.form == "lora" and not has_lora(unet):
@@ -151,7 +180,7 @@ def build_teacher(plan: PhasePlan, layout: RunLayout, base: BaseModel, student_u
         return Teacher(student_unet, base.schedule, plan.teacher.prediction_type,
                        plan.teacher.guidance_scale, disable_adapter=True)
     if source is None:
-        unet = base.unet if dtype == torch.float32 else copy.deepcopy(base.unet).to(dtype)
+        unet = base.unet if base.unet.dtype == dtype else copy.deepcopy(base.unet).to(dtype)
     else:
         unet, _ = load_student(source, base, fold_lora=True)
         unet = unet.to(dtype)
@@ -167,6 +196,8 @@ def build_discriminator(d_cfg: DiscriminatorConfig, plan: PhasePlan, base: BaseM
                          head_channels=d_cfg.head_channels or None,
                          latent_size=latent_size(base.vae, resolution),
                          share_weights=not d_cfg.backbone_trainable)
+    if d_cfg.backbone_trainable:
+        disc.backbone.float()  # a trainable copy of a low-precision frozen base trains in fp32
     if d_cfg.gradient_checkpointing:
         disc.backbone.enable_gradient_checkpointing()
     return disc
@@ -186,15 +217,20 @@ def build_phase_models(cfg: Config, plan: PhasePlan, plans: list[PhasePlan], lay
     lr = learning_rates(cfg.optim, plan)
     betas = tuple(cfg.optim.betas_adv if plan.adversarial else cfg.optim.betas_mse)
     params_g = trainable_parameters(student.unet)
-    opt_g = torch.optim.AdamW(params_g, lr=lr.student, betas=betas, weight_decay=cfg.optim.weight_decay)
+    opt_g = make_optimizer(params_g, lr=lr.student, betas=betas, weight_decay=cfg.optim.weight_decay,
+                           kind=cfg.optim.optimizer, device=accelerator.device)
+    if cfg.runtime.compile:
+        compile_module(student.unet, cfg.runtime.compile_backend)
     unet, opt_g = accelerator.prepare(student.unet, opt_g)
     models = PhaseModels(Student(unet, student.prediction_type), teacher, base.schedule, opt_g,
                          params_g, lr)
     if plan.adversarial:
         disc = build_discriminator(cfg.discriminator, plan, base, cfg.data.resolution)
         models.params_d = disc.trainable_parameters()
-        opt_d = torch.optim.AdamW(models.params_d, lr=lr.discriminator,
-                                  betas=tuple(cfg.optim.betas_adv), weight_decay=0.0)
+        opt_d = make_optimizer(models.params_d, lr=lr.discriminator, betas=tuple(cfg.optim.betas_adv),
+                               weight_decay=0.0, kind=cfg.optim.optimizer, device=accelerator.device)
+        if cfg.runtime.compile:
+            compile_module(disc, cfg.runtime.compile_backend)
         if cfg.discriminator.reinit == "stage":
             # METHOD.md §4: one discriminator per stage. What the stage's earlier adversarial
             # phases trained (heads of this form, a trainable backbone) continues here with

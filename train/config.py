@@ -29,6 +29,7 @@ PREDICTION_TYPES = ("auto", "epsilon", "v_prediction", "sample")
 D_LOSSES = ("nonsaturating", "hinge")
 D_REINIT = ("stage", "phase")
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 FIX_CONFIG = "fix it in the config file or the dotted.key=value override"
@@ -75,9 +76,11 @@ class ModelConfig:
     base: str = "digits:full"  # diffusers folder of the base model, or digits:full / digits:tiny (built on first use)
     cache_dir: str = ""  # cache for embedded models and shards; "" = $DISTILL_CACHE or ~/.cache/lightning-distill
     prediction_type: str = "auto"  # base UNet output: auto (its scheduler config) | epsilon | v_prediction | sample
+    frozen_dtype: str = "fp32"  # dtype the frozen base UNet and text encoders are held in: fp32 | bf16 | fp16 (not fp32: needs runtime.mixed_precision; halves their memory)
 
     def __post_init__(self):
         _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _choice("frozen_dtype", self.frozen_dtype, DTYPES)
         if not self.base:
             raise ConfigError("base: empty; give a diffusers model folder or digits:full / digits:tiny")
         if self.base.startswith("digits:"):
@@ -144,11 +147,13 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     warmup_steps: int = 0  # linear LR warm-up at the start of every phase, in steps
     lr_schedule: str = "constant"  # constant | cosine (decay to 0 over the phase)
+    optimizer: str = "adamw"  # adamw (torch, 8 bytes of state per parameter) | adamw8bit (bitsandbytes, 2 bytes; CUDA only)
 
     def __post_init__(self):
         _learning_rate(self, "lr_mse", "lr_adv_lora", "lr_adv_full", "discriminator_lr")
         _positive(self, "weight_decay", "max_grad_norm", "warmup_steps", allow_zero=True)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
         for name in ("betas_mse", "betas_adv"):
             betas = getattr(self, name)
             _finite(name, list(betas))
@@ -183,6 +188,8 @@ class RuntimeConfig:
     max_nonfinite_steps: int = 10  # stop after this many skipped (non-finite) steps in a row
     nccl_timeout_s: int = 7200  # process-group timeout in seconds (rank-0 validation/export)
     fault_nonfinite_steps: list[int] = field(default_factory=list)  # fault injection (tests): global steps whose student loss is made NaN
+    compile: bool = False  # torch.compile the student UNet and the discriminator (in place, keys unchanged)
+    compile_backend: str = "inductor"  # torch.compile backend (inductor; eager/aot_eager to debug)
 
     def __post_init__(self):
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
@@ -264,6 +271,9 @@ class Config:
             # first validation grid after hours of training.
             raise ConfigError(f"validation.prompts: required unless model.base is an embedded "
                               f"digits model; {self.model.base} brings no prompts of its own")
+        if self.model.frozen_dtype != "fp32" and self.runtime.mixed_precision == "no":
+            raise ConfigError(f"model.frozen_dtype: {self.model.frozen_dtype} frozen weights need "
+                              f"runtime.mixed_precision=bf16|fp16 (autocast); with 'no' use fp32")
         expand_recipe(self.stages)  # cross-stage checks (teacher chaining, skip levels, forms)
 
 

@@ -260,10 +260,11 @@ def _on_nonfinite(ctx: _Run, plan: PhasePlan, step: int, in_row: int) -> None:
 def _log_step(ctx: _Run, plan: PhasePlan, global_step: int, step: int, *, lr: float,
               samples_per_s: float, skipped: int, ok: bool, outcome: StepOutcome, data_skips: dict,
               bar) -> None:
+    metrics = outcome.metrics  # the host synchronisation, paid on logged steps only
     ctx.tracker.log({"global_step": global_step, "stage": plan.stage_name, "phase": plan.name,
                      "step": step, "lr": lr, "samples_per_s": samples_per_s, "skipped_steps": skipped,
-                     "step_ok": ok, **outcome.metrics, "data_skips": data_skips})
-    bar.set_postfix({k: f"{v:.3g}" for k, v in outcome.metrics.items() if k.startswith("loss")})
+                     "step_ok": ok, **metrics, "data_skips": data_skips})
+    bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss")})
 
 
 def _publish_phase_final(ctx: _Run, plan: PhasePlan, models: PhaseModels) -> None:
@@ -306,9 +307,10 @@ def _validate(ctx: _Run, plan: PhasePlan, unet, prediction_type: str, global_ste
     the caller holds the other ranks at a barrier (NCCL timeout raised for this, pitfall 9)."""
     v, base = ctx.cfg.validation, ctx.base
     prompts = validation_prompts(ctx.cfg.model, v)
-    images = render(unet, prediction_type, plan.student_steps, schedule=base.schedule, vae=base.vae,
-                    text=base.text, prompts=prompts, images_per_prompt=v.images_per_prompt,
-                    seed=v.seed, resolution=ctx.cfg.data.resolution)
+    with ctx.accelerator.autocast():  # a LoRA student's frozen base may be bf16 (model.frozen_dtype)
+        images = render(unet, prediction_type, plan.student_steps, schedule=base.schedule, vae=base.vae,
+                        text=base.text, prompts=prompts, images_per_prompt=v.images_per_prompt,
+                        seed=v.seed, resolution=ctx.cfg.data.resolution)
     path = save_grid(images, ctx.layout.sample_grid(plan, tag), v.images_per_prompt, scale=2)
     ctx.tracker.log_image(f"samples/{plan.stage_name}", path, global_step,
                           caption=f"{plan.student_steps}-step student, {plan.stage_name}/{plan.name} {tag}")

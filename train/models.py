@@ -64,7 +64,7 @@ class BaseModel:
     """The frozen parts of the original base model, shared by every phase."""
 
     path: Path
-    unet: UNet2DConditionModel  # fp32, frozen: teacher of stage 0, discriminator backbone source
+    unet: UNet2DConditionModel  # frozen, in model.frozen_dtype: teacher of stage 0, discriminator backbone source
     vae: AutoencoderKL
     text: TextEncoders
     schedule: NoiseSchedule
@@ -78,11 +78,12 @@ def load_base(path: Path, model_cfg: ModelConfig, device: torch.device, vae_dtyp
     prediction_type = model_cfg.prediction_type
     if prediction_type == "auto":
         prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
+    frozen = torch_dtype(model_cfg.frozen_dtype)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=frozen)
     unet.requires_grad_(False).eval().to(device)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
     vae.requires_grad_(False).eval().to(device)
-    encoders = load_text_encoders(path, device=device, dtype=torch.float32) if text else None
+    encoders = load_text_encoders(path, device=device, dtype=frozen) if text else None
     return BaseModel(path, unet, vae, encoders, NoiseSchedule.from_scheduler_config(scheduler_config),
                      prediction_type, scheduler_config)
 
@@ -99,6 +100,19 @@ def plain_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
 
 def fresh_unet(base: BaseModel) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_config(base.unet.config)
+
+
+def shared_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A second UNet (its own modules) whose weights are the same tensors as `unet`'s: no
+    memory. For a LoRA student on the frozen base (issue #16): peft wraps the twin's modules,
+    the optimizer owns only the adapter, and nothing writes the shared weights. Never merge a
+    LoRA into it in place (that would write into the base)."""
+    with torch.device("meta"):
+        twin = UNet2DConditionModel.from_config(unet.config)
+    twin.load_state_dict(unet.state_dict(), assign=True)
+    if any(t.is_meta for t in [*twin.parameters(), *twin.buffers()]):
+        raise RuntimeError("shared_unet: a tensor outside the state dict stayed on the meta device")
+    return twin.requires_grad_(False).to(unet.device)
 
 
 @dataclass(frozen=True)

@@ -49,39 +49,47 @@ def draw_point(plan: PhasePlan, schedule: NoiseSchedule, x0: Tensor, generator: 
 
 @dataclass
 class StepOutcome:
-    """What a step did, for logging and the non-finite guard."""
+    """What a step did, for logging and the non-finite guard.
 
-    metrics: dict[str, float] = field(default_factory=dict)
+    `values` holds 0-dim tensors as the step left them: reading `metrics` turns them into
+    floats, a host synchronisation the loop pays only on the steps it logs."""
+
+    values: dict[str, Tensor | float] = field(default_factory=dict)
     ok: bool = True  # False: the student update was skipped (non-finite loss or gradient)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.values.items()}
 
 
 class Updater:
     """Backward + clip + optimizer step, skipping non-finite updates (pitfall 10).
 
-    The finite check is reduced over processes so every rank skips together.
+    The finite check is reduced over processes so every rank skips together. It is the step's
+    one host synchronisation: whether to call `optimizer.step()` must be known on the host.
     """
 
     def __init__(self, accelerator: Accelerator, max_grad_norm: float):
         self.accelerator = accelerator
         self.max_grad_norm = max_grad_norm
 
-    def __call__(self, loss: Tensor, optimizer, params, retain_graph: bool = False) -> tuple[bool, float]:
+    def __call__(self, loss: Tensor, optimizer, params, retain_graph: bool = False) -> tuple[bool, Tensor]:
         acc = self.accelerator
-        finite_loss = bool(torch.isfinite(loss.detach()).all())
+        finite = torch.isfinite(loss.detach()).all()
         # Backward even on a non-finite loss: under DDP every rank must join the gradient
         # all-reduce, or the ranks whose loss was finite wait forever. The step is skipped below.
         acc.backward(loss, retain_graph=retain_graph)
         if acc.sync_gradients:
             if self.max_grad_norm > 0:
-                norm = acc.clip_grad_norm_(params, self.max_grad_norm)
+                norm = torch.as_tensor(acc.clip_grad_norm_(params, self.max_grad_norm))
             else:
                 grads = [p.grad.detach().norm() for p in params if p.grad is not None]
                 norm = torch.stack(grads).norm() if grads else torch.zeros(())
-            norm = float(norm) if finite_loss else math.nan
+            norm = torch.where(finite.to(norm.device), norm.detach().float(), math.nan)
+            finite = finite & torch.isfinite(norm).to(finite.device)
         else:
-            norm = 0.0
-        ok = torch.tensor(1.0 if finite_loss and math.isfinite(norm) else 0.0, device=acc.device)
-        ok = bool(acc.reduce(ok, reduction="sum") >= acc.num_processes)
+            norm = torch.zeros(())
+        ok = bool(acc.reduce(finite.float().to(acc.device), reduction="sum") >= acc.num_processes)
         if ok:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -125,7 +133,7 @@ def mse_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint, cond: C
         loss = mse_loss(x_hat, target)
     loss = _poisoned(loss, ctx)
     ok, norm = ctx.update(loss, models.optimizer_g, models.params_g)
-    return StepOutcome({"loss_mse": float(loss.detach()), "grad_norm": norm}, ok)
+    return StepOutcome({"loss_mse": loss.detach(), "grad_norm": norm}, ok)
 
 
 def x0_convert_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint, cond: Conditioning,
@@ -135,7 +143,7 @@ def x0_convert_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint, 
         loss = x0_conversion_loss(models.student, models.teacher, point.x_t, point.t, cond)
     loss = _poisoned(loss, ctx)
     ok, norm = ctx.update(loss, models.optimizer_g, models.params_g)
-    return StepOutcome({"loss_x0": float(loss.detach()), "grad_norm": norm}, ok)
+    return StepOutcome({"loss_x0": loss.detach(), "grad_norm": norm}, ok)
 
 
 @dataclass(frozen=True)
@@ -184,7 +192,7 @@ def adversarial_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint,
         # trainable backbone they do not change in the D update either, so G reuses them.
         with torch.no_grad(), accelerator.autocast():
             context = d_raw.encode(point.x_t, point.t, cond)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Tensor | float] = {}
     real = judged.real.detach()
     for _ in range(d_cfg.d_steps_per_g_step):
         with accelerator.autocast():
@@ -203,8 +211,8 @@ def adversarial_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint,
             if d_cfg.r1_weight > 0:
                 loss_d = loss_d + d_cfg.r1_weight / 2 * r1_penalty(real_logits, both)
         ok_d, _ = ctx.update(loss_d, models.optimizer_d, models.params_d)
-        metrics.update(loss_d=float(loss_d.detach()), d_acc_real=float(d_loss.real_accuracy),
-                       d_acc_fake=float(d_loss.fake_accuracy), d_ok=float(ok_d))
+        metrics.update(loss_d=loss_d.detach(), d_acc_real=d_loss.real_accuracy,
+                       d_acc_fake=d_loss.fake_accuracy, d_ok=float(ok_d))
     if trains_context:  # the D update changed the backbone: G sees x_t's current features
         with torch.no_grad(), accelerator.autocast():
             context = d_raw.encode(point.x_t, point.t, cond)
@@ -219,7 +227,7 @@ def adversarial_step(plan: PhasePlan, models: PhaseModels, point: TrainingPoint,
         ok, norm = ctx.update(loss_g, models.optimizer_g, models.params_g)
     finally:
         d_raw.requires_grad_(True)
-    metrics.update(loss_g=float(loss_g.detach()), grad_norm=norm)
+    metrics.update(loss_g=loss_g.detach(), grad_norm=norm)
     return StepOutcome(metrics, ok)
 
 

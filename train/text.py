@@ -70,7 +70,9 @@ class TextEncoders:
                                     output_hidden_states=True)
         prompt = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
         pooled = out_2.text_embeds
-        prompt, pooled = prompt.to(self.dtype), pooled.to(self.dtype)
+        # Float32 whatever the encoders' dtype (model.frozen_dtype): embeddings are small, and
+        # every consumer (autocast student, teacher, pipelines) takes fp32.
+        prompt, pooled = prompt.float(), pooled.float()
 
         zero = torch.tensor([not c.strip() for c in captions], dtype=torch.bool)
         if drop_mask is not None:
