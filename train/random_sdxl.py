@@ -27,6 +27,7 @@ import torch
 
 from distill.testing import SDXL_UNET_CONFIG
 from train.files import atomic_dir
+from train.text import bytes_to_unicode
 
 SDXL_VOCAB_SIZE = 49408  # CLIP's BPE vocabulary: 256 bytes ×2, 48,894 merges, 2 specials
 SDXL_MAX_TOKENS = 77  # tokenizer model_max_length = max_position_embeddings
@@ -102,20 +103,6 @@ SPECS = {"sdxl": sdxl_spec, "small": small_spec}
 # ----------------------------------------------------------------------------- tokenizers
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's reversible map from the 256 bytes to printable unicode symbols."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
-
-
 def clip_vocabulary(vocab_size: int) -> tuple[list[str], list[str]]:
     """(tokens, merges) of a CLIP BPE vocabulary of exactly `vocab_size` tokens.
 
@@ -124,7 +111,7 @@ def clip_vocabulary(vocab_size: int) -> tuple[list[str], list[str]]:
     end token as the argmax id). The merges pair byte symbols, printable ASCII first: any
     text tokenizes; what the tokens mean does not matter for random weights.
     """
-    symbols = _bytes_to_unicode()
+    symbols = bytes_to_unicode()
     tokens = symbols + [s + "</w>" for s in symbols]
     n_merges = vocab_size - len(tokens) - 2
     if n_merges < 0:

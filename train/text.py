@@ -25,6 +25,21 @@ from distill.conditioning import Conditioning
 from train.data import ImageBatch, LatentBatch
 
 
+def bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's reversible map from the 256 bytes to printable unicode symbols: the alphabet
+    of the byte-level BPE vocabularies the project writes for its own CLIP tokenizers."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
 @dataclass(frozen=True)
 class TextEmbeddings:
     """prompt_embeds (B, L, D1 + D2) and pooled_embeds (B, P) for B captions."""

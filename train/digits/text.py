@@ -14,21 +14,9 @@ from pathlib import Path
 
 import torch
 
+from train.text import bytes_to_unicode
+
 MAX_TOKENS = 16  # tokenizer model_max_length = text encoder max_position_embeddings
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's reversible map from the 256 bytes to printable unicode symbols."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
 def write_tokenizer(out_dir: Path, words: list[str], max_length: int = MAX_TOKENS):
@@ -39,7 +27,7 @@ def write_tokenizer(out_dir: Path, words: list[str], max_length: int = MAX_TOKEN
     """
     from transformers import CLIPTokenizer
 
-    symbols = _bytes_to_unicode()
+    symbols = bytes_to_unicode()
     vocab = symbols + [s + "</w>" for s in symbols]
     merges: list[str] = []
     for word in sorted(set(words)):
