@@ -179,6 +179,7 @@ def _loaded_digits_modules(code: str) -> list[str]:
     return ast.literal_eval(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.e2e  # a real interpreter start (subprocess): not part of the fast run
 def test_importing_the_training_loop_does_not_load_the_digits_package():
     assert _loaded_digits_modules("import train.loop") == []
     # The check sees the package once something asks the resolver for the embedded model.
