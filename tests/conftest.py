@@ -92,6 +92,19 @@ def export_tiny_finals(root: Path, digits_dir: Path, overrides: list[str], origi
     return cfg
 
 
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    """A tar shard holding `members` (name → bytes), as webdataset reads them."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 # A two-stage recipe: an MSE stage, then an adversarial LoRA → merge → full stage; long enough
 # in its first adversarial phase (8 steps) to be interrupted inside it.
 SHORT_RECIPE = """stages:

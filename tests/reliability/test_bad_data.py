@@ -5,11 +5,11 @@ also from DataLoader workers and from a whole training run."""
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_tar
 from faults import one_line_error
 from PIL import Image
 
@@ -24,15 +24,6 @@ def _png(array: np.ndarray, mode: str | None = None) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array, mode=mode).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 GRAY16 = np.full((16, 16), 40000, dtype=np.uint16)  # 40000 / 65535: a mid-light gray
@@ -73,7 +64,7 @@ USED = ["gray", "gray16", "palette", "rgba", "tall", "tiny"]
 
 
 def test_bad_samples_are_skipped_by_reason_and_odd_images_converted(tmp_path):
-    shard = _tar(tmp_path / "samples.tar", _bad_and_odd_samples())
+    shard = write_tar(tmp_path / "samples.tar", _bad_and_odd_samples())
     stream = image_loader_single_pass(str(shard), batch_size=64, resolution=8, rank=0, world_size=1)
     (batch,) = list(stream)
     assert sorted(batch.keys) == USED
@@ -92,10 +83,10 @@ def test_torn_and_non_tar_shards_are_skipped_once_each(tmp_path):
     for i in range(4):
         members[f"t{i}.png"] = _png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
         members[f"t{i}.txt"] = b"torn shard"
-    data = _tar(tmp_path / "whole.tar", members).read_bytes()
+    data = write_tar(tmp_path / "whole.tar", members).read_bytes()
     (tmp_path / "torn.tar").write_bytes(data[: len(data) * 2 // 3])  # inside the third image
     (tmp_path / "not_a.tar").write_bytes(b"PK\x03\x04 a zip file, say" * 40)
-    good = _tar(tmp_path / "good.tar", {"g.png": _png(np.zeros((8, 8, 3), np.uint8)), "g.txt": b"fine"})
+    good = write_tar(tmp_path / "good.tar", {"g.png": _png(np.zeros((8, 8, 3), np.uint8)), "g.txt": b"fine"})
     urls = [str(tmp_path / "torn.tar"), str(tmp_path / "not_a.tar"), str(good)]
     stream = image_loader_single_pass(urls, batch_size=64, resolution=8, rank=0, world_size=1)
     keys = [k for b in stream for k in b.keys]
@@ -105,7 +96,7 @@ def test_torn_and_non_tar_shards_are_skipped_once_each(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_data_that_yields_nothing_is_one_data_error(tmp_path, workers):
-    junk = _tar(tmp_path / "uncaptioned.tar", {f"k{i}.png": b"x" for i in range(20)})
+    junk = write_tar(tmp_path / "uncaptioned.tar", {f"k{i}.png": b"x" for i in range(20)})
     stream = image_loader(str(junk), batch_size=2, resolution=8, seed=0, rank=0, world_size=1,
                           resume_step=0, shuffle_buffer=0, num_workers=workers)
     with pytest.raises(DataError) as err:

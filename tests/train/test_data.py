@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_tar
 from PIL import Image
 
 from distill.conditioning import Conditioning
@@ -30,15 +31,6 @@ def png_bytes(h: int, w: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def image_shard(path: Path, keys: list[str], h: int = 20, w: int = 30) -> Path:
