@@ -258,3 +258,30 @@ def lora_track_recipe(stages: Sequence[StageConfig]) -> list[StageConfig]:
     return [replace(stage, phases=[replace(p, form="lora", lr=None) for p in stage.phases
                                    if p.kind not in ("merge", "x0_convert")])
             for stage in stages]
+
+
+def direct_adversarial_recipe(stages: Sequence[StageConfig], student_steps: int) -> list[StageConfig]:
+    """The non-progressive adversarial baseline of the mode-coverage claim (METHOD.md §7):
+    one stage that goes straight from the base teacher to a `student_steps` student.
+
+    The teacher is the base on the first stage's *student* grid with that stage's guidance
+    (for the digits preset: the 32-step CFG teacher, the reference row of the benchmark), so
+    one training step's teacher walk spans 32/N base steps instead of 2 or 4. The phases are
+    those of the progressive recipe's stage that ends at `student_steps` (conditional, then
+    unconditional; the x0 conversion first for one step), with skip-level teachers replaced by
+    the base (a single stage has no earlier student), and their steps scaled so the total
+    equals the progressive recipe's total up to and including that stage: the same budget."""
+    ends = [k for k, stage in enumerate(stages) if stage.student_steps == student_steps]
+    if not ends:
+        raise RecipeError(f"student_steps: no stage of the recipe ends at {student_steps} steps; "
+                          f"allowed: {[s.student_steps for s in stages]}")
+    target = stages[ends[0]]
+    budget = sum(p.steps for stage in stages[: ends[0] + 1] for p in stage.phases)
+    own = sum(p.steps for p in target.phases)
+    if own == 0:
+        raise RecipeError(f"stages.{ends[0]}: a stage with no training steps has no budget to scale")
+    scale = budget / own
+    phases = [replace(p, teacher="previous", steps=round(p.steps * scale)) for p in target.phases]
+    teacher_steps = stages[0].student_steps
+    return [replace(target, teacher_steps=teacher_steps, phases=phases, skip_level_steps=0,
+                    guidance_scale=stages[0].guidance_scale)]

@@ -11,9 +11,17 @@ seeds, `--per-digit` images per digit (1,000 images per row at the default 100):
   - ours, LoRA track (every phase a LoRA on the original base, carried across stages; the
     1-step stage stays epsilon-prediction because a LoRA cannot carry the x0 switch) at 8, 4, 2, 1;
   - an MSE-only progressive-distillation baseline: the same stages with every adversarial
-    phase replaced by MSE, at 8, 4, 2, 1.
-Columns: digits-FD, prompt accuracy, FD ratio to teacher-32, generation time per image as a
-ratio to teacher-32 measured in this run. Also writes side-by-side grids.
+    phase replaced by MSE, at 8, 4, 2, 1;
+  - on request (`--variants ... direct-4 direct-2 direct-1`), the non-progressive adversarial
+    baseline of the mode-coverage claim: one stage straight from the 32-step CFG teacher to 4,
+    2 or 1 steps with the adversarial phases, on the same step budget
+    (`distill.phases.direct_adversarial_recipe`).
+Columns: digits-FD, prompt accuracy, k-NN precision and recall against the held-out digits,
+within-prompt diversity as a ratio to teacher-32's, FD ratio to teacher-32, generation time
+per image as a ratio to teacher-32 measured in this run. Also writes side-by-side grids.
+
+The mode-coverage table (METHOD.md §7; teacher, ours, MSE-only, direct-adversarial at 4/2/1):
+    python scripts/bench_quality.py --variants ours mse direct-4 direct-2 direct-1 --out docs/coverage
 
 Time on 2 CPU cores: about 30 minutes per training variant (three variants) plus ~10 minutes
 of evaluation; with everything trained, evaluation alone.
@@ -36,7 +44,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.phases import lora_track_recipe, mse_only_recipe  # noqa: E402
+from distill.phases import (  # noqa: E402
+    direct_adversarial_recipe,
+    lora_track_recipe,
+    mse_only_recipe,
+)
 from train.config import Config, config_to_yaml, load_config  # noqa: E402
 from train.digits.data import read_model_info  # noqa: E402
 from train.digits.metrics import (  # noqa: E402
@@ -60,7 +72,15 @@ VARIANTS = {
     "ours": lambda cfg: cfg,
     "lora": lambda cfg: replace(cfg, stages=lora_track_recipe(cfg.stages)),
     "mse": lambda cfg: replace(cfg, stages=mse_only_recipe(cfg.stages)),
+    **{f"direct-{n}": (lambda cfg, n=n: replace(cfg, stages=direct_adversarial_recipe(cfg.stages, n)))
+       for n in (4, 2, 1)},
 }
+DEFAULT_VARIANTS = ("ours", "lora", "mse")
+
+
+def row_name(variant: str) -> str:
+    """The table's model name: the direct-N variants share one ("direct"), one row per N."""
+    return variant.split("-")[0]
 
 
 def run_dir_for(name: str, cfg: Config, runs_root: Path) -> Path:
@@ -91,6 +111,9 @@ class Row:
     steps: int
     fd: float
     accuracy: float
+    precision: float
+    recall: float
+    diversity: float  # within-prompt feature distance; the table shows it / teacher-32's
     seconds_per_image: float
     images: int
 
@@ -102,11 +125,14 @@ def evaluate_row(name: str, pipe, steps: int, guidance: float, per_digit: int, c
     rendered = render_digits(pipe, steps, per_digit, guidance, seed)
     elapsed = time.perf_counter() - start
     result = score_digits(rendered, steps, guidance, classifier, real)
-    # first 4 images of each digit for the side-by-side grid
-    idx = torch.cat([torch.arange(d * per_digit, d * per_digit + 4) for d in range(10)])
+    # the first (up to) 4 images of each digit for the side-by-side grid
+    shown = min(4, per_digit)
+    idx = torch.cat([torch.arange(d * per_digit, d * per_digit + shown) for d in range(10)])
     grid_images[(name, steps)] = rendered.images[idx]
-    row = Row(name, steps, result.fd, result.accuracy, elapsed / len(rendered.images), len(rendered.images))
+    row = Row(name, steps, result.fd, result.accuracy, result.precision, result.recall,
+              result.diversity, elapsed / len(rendered.images), len(rendered.images))
     print(f"[bench] {name:>12s} {steps:>2d} steps  FD {row.fd:8.3f}  acc {row.accuracy:.3f}  "
+          f"P {row.precision:.3f}  R {row.recall:.3f}  div {row.diversity:.2f}  "
           f"{row.seconds_per_image * 1e3:.2f} ms/img", flush=True)
     return row
 
@@ -120,12 +146,27 @@ def export_file(run: Path, prefix: str, steps: int, kind: str) -> Path:
 
 def table(rows: list[Row]) -> str:
     ref = next(r for r in rows if r.name == "teacher" and r.steps == 32)
-    lines = ["| model | steps | digits-FD ↓ | prompt acc ↑ | FD / teacher-32 | time / teacher-32 |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | steps | digits-FD ↓ | prompt acc ↑ | precision ↑ | recall ↑ | "
+             "diversity / teacher-32 | FD / teacher-32 | time / teacher-32 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.name} | {r.steps} | {r.fd:.3f} | {100 * r.accuracy:.1f}% | "
+                     f"{r.precision:.3f} | {r.recall:.3f} | {r.diversity / ref.diversity:.2f} | "
                      f"{r.fd / ref.fd:.2f} | {r.seconds_per_image / ref.seconds_per_image:.3f} |")
     return "\n".join(lines)
+
+
+def coverage_claim(rows: list[Row]) -> list[tuple[str, bool]]:
+    """The paper's mode-coverage expectation where both rows exist: the progressive student
+    keeps the teacher's coverage better than the direct adversarial one at the same steps."""
+    get = {(r.name, r.steps): r for r in rows}
+    checks = []
+    for n in (4, 2, 1):
+        ours, direct = get.get(("ours", n)), get.get(("direct", n))
+        if ours and direct:
+            checks.append((f"ours-{n} recall >= direct-{n} recall", ours.recall >= direct.recall))
+            checks.append((f"ours-{n} diversity >= direct-{n} diversity", ours.diversity >= direct.diversity))
+    return checks
 
 
 def targets(rows: list[Row]) -> list[tuple[str, bool]]:
@@ -146,16 +187,17 @@ def targets(rows: list[Row]) -> list[tuple[str, bool]]:
 
 
 def side_by_side(grid_images: dict, columns: list[tuple[str, int]], path: Path) -> None:
-    """Columns of 10 digits × 4 samples, one column per (model, steps), with a 4 px gutter."""
+    """Columns of 10 digits × (up to) 4 samples, one column per (model, steps), with a gutter."""
     from PIL import Image, ImageDraw
 
     tiles = []
     for key in columns:
-        imgs = grid_images[key]  # (40, 3, H, W): digit-major, 4 per digit
+        imgs = grid_images[key]  # (10·per, 3, H, W): digit-major, `per` samples per digit
+        per = len(imgs) // 10
         h, w = imgs.shape[-2:]
-        block = torch.ones(3, 10 * h, 4 * w)
+        block = torch.ones(3, 10 * h, per * w)
         for i, img in enumerate(imgs):
-            d, k = divmod(i, 4)
+            d, k = divmod(i, per)
             block[:, d * h:(d + 1) * h, k * w:(k + 1) * w] = img
         tiles.append(block)
     scale, gutter, label_h = 3, 12, 18
@@ -176,7 +218,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs/digits.yaml"))
     p.add_argument("--override", action="append", default=[], help="dotted.key=value for the base config")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     p.add_argument("--runs-root", default=str(ROOT / "runs/bench"))
     p.add_argument("--per-digit", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -202,24 +244,28 @@ def main(argv=None) -> int:
     prefix = base_cfg.export.name
     for name, run in runs.items():
         kind = "lora" if name == "lora" else "unet"
-        for steps in STUDENT_STEPS:
+        stage_steps = [stage.student_steps for stage in VARIANTS[name](base_cfg).stages]
+        for steps in (s for s in STUDENT_STEPS if s in stage_steps):
             path = export_file(run, prefix, steps, kind)
             if not path.is_file():
                 print(f"[bench] {name}: no export {path.name}; row skipped", flush=True)
                 continue
             pipe, info = load_pipeline(base_dir, path), read_export_info(path)
-            rows.append(evaluate_row(name, pipe, info.num_inference_steps, 0.0, args.per_digit, classifier,
-                                     real, grid_images, args.seed))
+            rows.append(evaluate_row(row_name(name), pipe, info.num_inference_steps, 0.0, args.per_digit,
+                                     classifier, real, grid_images, args.seed))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    columns = [c for c in [("teacher", 32), ("teacher", 4), ("mse", 4), ("mse", 1), ("ours", 4), ("ours", 1)]
-               if c in grid_images]
+    columns = [c for c in [("teacher", 32), ("teacher", 4), ("mse", 4), ("mse", 1), ("ours", 4), ("ours", 1),
+                           ("direct", 4), ("direct", 1)] if c in grid_images]
     side_by_side(grid_images, columns, out / "bench_side_by_side.png")
     report = [f"# Digits quality benchmark ({args.per_digit * 10} images per row)\n", table(rows), ""]
     if all(any(r.name == n for r in rows) for n in ("ours", "mse")):
         report += ["| target | met |", "|---|---|"]
         report += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in targets(rows)]
+    if coverage_claim(rows):
+        report += ["", "| mode-coverage expectation (METHOD.md §7) | held |", "|---|---|"]
+        report += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in coverage_claim(rows)]
     report += ["", "Runs: " + ", ".join(f"{k}: `{v}`" for k, v in runs.items())]
     (out / "bench_results.md").write_text("\n".join(report) + "\n")
     (out / "bench_results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))

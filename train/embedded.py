@@ -18,7 +18,8 @@ from train.errors import UserError
 from train.files import default_cache_root
 
 EMBEDDED_PREFIX = "digits:"
-EVAL_METRICS = ("digits_fd", "prompt_accuracy")  # `evaluate_export`'s keys: FID and CLIP-score analogues
+# `evaluate_export`'s keys: the FID and CLIP-score analogues, then the coverage metrics
+EVAL_METRICS = ("digits_fd", "prompt_accuracy", "precision", "recall", "diversity")
 
 
 def _digits():
@@ -132,4 +133,5 @@ def evaluate_export(model_cfg: ModelConfig, export: str | os.PathLike,
                         "only exports of digits:* runs can be evaluated (the evaluator knows only the digits)")
     result = _digits().evaluate_export(resolve_base(model_cfg), export, per_digit,
                                        cache_root=cache_root(model_cfg))
-    return {"digits_fd": result.fd, "prompt_accuracy": result.accuracy}
+    return {"digits_fd": result.fd, "prompt_accuracy": result.accuracy,
+            "precision": result.precision, "recall": result.recall, "diversity": result.diversity}

@@ -5,6 +5,10 @@
     python -m train.sweep SWEEP.yaml [--eval [--eval-per-digit 20]]   # run here, one after another
     python -m train.sweep SWEEP.yaml --collect-only [--eval]           # only rebuild the tables
 
+With --eval (digits runs), each finished stage's UNet export is scored by the embedded evaluator
+(digits-FD, prompt accuracy, precision, recall, within-prompt diversity) and root/fd_vs_steps.png
+plots FD and recall against the step count, one line per run.
+
 A sweep file (paths relative to the working directory, as for `python -m train`):
 
     base: configs/digits.yaml            # the config every run starts from
@@ -380,7 +384,8 @@ def evaluate_run(sweep: Sweep, run: SweepRun, per_digit: int) -> dict[str, dict[
         export = _unet_export(run.stage_json(stage))
         if export is None or not export.is_file():
             continue
-        key = {"export": str(export), "mtime": export.stat().st_mtime, "per_digit": per_digit}
+        key = {"export": str(export), "mtime": export.stat().st_mtime, "per_digit": per_digit,
+               "metrics": list(EVAL_METRICS)}  # an evaluator with new metrics scores again
         hit = cache.get(stage)
         if not (hit and all(hit.get(k) == v for k, v in key.items())):
             hit = {**key, **_evaluate_export(run.config, export, per_digit)}
@@ -430,8 +435,51 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+PLOT_FILE = "fd_vs_steps.png"
+
+
+def plot_results(sweep: Sweep, rows: list[dict[str, Any]]) -> Path | None:
+    """root/fd_vs_steps.png: digits-FD and recall of each run's stage exports against the
+    stage's step count (log axis, fewest steps right, as quality is read along distillation),
+    one line per run. None when no row has an evaluation."""
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for row in rows:
+        match = re.fullmatch(r"(\d+)step", str(row.get("stage", "")))
+        if match and row.get("digits_fd") is not None:
+            series.setdefault(row["run"], []).append(
+                (int(match.group(1)), row["digits_fd"], row["recall"]))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on training machines
+    import matplotlib.pyplot as plt
+
+    fig, (ax_fd, ax_recall) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for name, points in series.items():
+        steps, fd, recall = zip(*sorted(points, reverse=True))
+        ax_fd.plot(steps, fd, marker="o", label=name)
+        ax_recall.plot(steps, recall, marker="o", label=name)
+    all_steps = sorted({p[0] for points in series.values() for p in points}, reverse=True)
+    for ax, label in ((ax_fd, "digits-FD (lower is better)"), (ax_recall, "recall (higher is better)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_steps, [str(s) for s in all_steps])
+        ax.invert_xaxis()
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    ax_recall.set_ylim(0, 1)
+    ax_fd.legend(fontsize="small")
+    fig.suptitle(f"Sweep {sweep.root.name}: stage exports, guidance off")
+    path = sweep.root / PLOT_FILE
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_results(sweep: Sweep, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
-    """root/results.csv (every column, full precision) and root/results.md (readable)."""
+    """root/results.csv (every column, full precision), root/results.md (readable) and, when the
+    rows carry evaluations, the plot root/fd_vs_steps.png linked from results.md."""
     sweep.root.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])
     csv_path, md_path = sweep.root / "results.csv", sweep.root / "results.md"
@@ -445,6 +493,9 @@ def write_results(sweep: Sweep, rows: list[dict[str, Any]]) -> tuple[Path, Path]
              "per stage, the last logged value of each loss.", "",
              "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_cell(row[c]) for c in shown) + " |" for row in rows]
+    plot = plot_results(sweep, rows)
+    if plot is not None:
+        lines += ["", f"![digits-FD and recall vs sampling steps]({plot.name})"]
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, csv_path
 
@@ -467,6 +518,13 @@ def print_table(sweep: Sweep) -> None:
     print(f"# {len(sweep.runs)} runs from {sweep.base}")
 
 
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value}: needs at least 2 images per digit")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -481,8 +539,10 @@ def main(argv: list[str] | None = None) -> int:
                         help='command replacing "python" before "-m train", e.g. '
                              '"accelerate launch --multi_gpu --num_processes 8"')
     parser.add_argument("--eval", action="store_true",
-                        help="add digits-FD and prompt accuracy of each stage's UNet export (digits models)")
-    parser.add_argument("--eval-per-digit", type=int, default=20, help="images per digit for --eval")
+                        help="add digits-FD, prompt accuracy, precision, recall and diversity of each "
+                             "stage's UNet export (digits models), and the plot fd_vs_steps.png")
+    parser.add_argument("--eval-per-digit", type=_at_least_two, default=20,
+                        help="images per digit for --eval (>= 2: diversity compares images of one digit)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     sweep = load_sweep(args.sweep)

@@ -118,3 +118,31 @@ def test_lora_track_recipe_is_all_lora_without_merges():
     assert not [p for p in plans if p.kind in ("merge", "x0_convert")]
     assert {p.prediction_type for p in plans} == {"epsilon"}
     assert [p.teacher.steps for p in plans if p.student_steps == 2 and p.kind == "adv_unconditional"] == [8, 8]
+
+
+@pytest.mark.parametrize("steps", [4, 2, 1])
+def test_direct_adversarial_recipe_is_one_stage_from_the_base_with_the_same_budget(steps):
+    from distill.phases import BASE, RecipeError, direct_adversarial_recipe
+
+    stages = load_config(ROOT / "configs/digits.yaml").stages
+    direct = direct_adversarial_recipe(stages, steps)
+    assert len(direct) == 1
+    (stage,) = direct
+    # Straight from the base teacher on its 32-step grid, with the first stage's guidance.
+    assert (stage.teacher_steps, stage.student_steps) == (32, steps)
+    assert stage.guidance_scale == stages[0].guidance_scale == 3.0
+    plans = expand_recipe(direct)
+    assert {p.teacher.stage for p in plans} == {BASE}
+    assert {p.teacher.steps for p in plans} == {32}
+    # The same phase kinds, in the same order, as the progressive stage that ends at `steps`.
+    progressive = next(s for s in stages if s.student_steps == steps)
+    assert [p.kind for p in stage.phases] == [p.kind for p in progressive.phases]
+    assert any(p.kind == "adv_conditional" for p in plans)
+    # The same budget: the progressive recipe's steps up to and including that stage (± rounding).
+    end = stages.index(progressive)
+    budget = sum(p.steps for s in stages[: end + 1] for p in s.phases)
+    assert abs(sum(p.steps for p in plans) - budget) <= len(plans)
+    if steps == 1:
+        assert plans[0].kind == "x0_convert" and plans[-1].prediction_type == "sample"
+    with pytest.raises(RecipeError, match="no stage of the recipe ends at 3 steps"):
+        direct_adversarial_recipe(stages, 3)

@@ -14,7 +14,7 @@ import pytest
 from conftest import subprocess_env, write_short_config
 
 from train.config import load_config
-from train.sweep import SweepError, format_value, load_sweep, run_names
+from train.sweep import SweepError, format_value, load_sweep, plot_results, run_names
 from train.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,6 +151,27 @@ def test_dry_run_and_commands_cli(tmp_path):
     assert bad.returncode == 2 and "run 'r1': optim.lr_mse: must be > 0" in bad.stderr
 
 
+def test_plot_has_one_line_per_run_on_both_panels(tmp_path, in_root):
+    from PIL import Image
+
+    sweep = load_sweep(_write(tmp_path / "s.yaml", EXAMPLE.format(root=tmp_path / "root")))
+    sweep.root.mkdir(parents=True)
+    no_eval = [{"run": "a", "stage": "8step", "digits_fd": None, "recall": None}]
+    assert plot_results(sweep, no_eval) is None and not (sweep.root / "fd_vs_steps.png").exists()
+    rows = [{"run": run, "stage": f"{steps}step", "digits_fd": fd, "recall": recall / scale}
+            for run, scale in (("a", 1.0), ("b", 2.0))
+            for steps, fd, recall in ((8, 10 * scale, 0.9), (4, 20 * scale, 0.8), (1, 40 * scale, 0.5))]
+    rows.append({"run": "b", "stage": "", "digits_fd": None, "recall": None})  # a run not started
+    path = plot_results(sweep, rows)
+    image = Image.open(path).convert("RGB")
+    assert image.size == (1000, 400)
+    # matplotlib's first two line colours (C0 blue, C1 orange) on each panel: both runs drawn.
+    left, right = image.crop((0, 0, 500, 400)), image.crop((500, 0, 1000, 400))
+    for panel in (left, right):
+        colours = {c for _, c in panel.getcolors(maxcolors=1 << 18)}
+        assert {(31, 119, 180), (255, 127, 14)} <= colours
+
+
 # ----------------------------------------------------------------------------- a real short sweep
 
 @pytest.fixture(scope="module")
@@ -223,11 +244,23 @@ def test_rerun_skips_finished_and_failed_run_is_reported(short_sweep):
 @pytest.mark.e2e
 def test_collect_only_with_eval(short_sweep):
     tmp, sweep, _ = short_sweep
-    result = _sweep_cli(sweep, "--collect-only", "--eval", "--eval-per-digit", "1")
+    too_few = _sweep_cli(sweep, "--collect-only", "--eval", "--eval-per-digit", "1")
+    assert too_few.returncode == 2 and "needs at least 2 images per digit" in too_few.stderr
+    result = _sweep_cli(sweep, "--collect-only", "--eval", "--eval-per-digit", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "==> [" not in result.stdout  # nothing ran
     rows = _read_csv(tmp / "root" / "results.csv")
     assert len(rows) == 4
     for row in rows:
         assert float(row["digits_fd"]) >= 0 and 0 <= float(row["prompt_accuracy"]) <= 1
-    assert "digits_fd | prompt_accuracy |" in (tmp / "root" / "results.md").read_text()
+        assert 0 <= float(row["precision"]) <= 1 and 0 <= float(row["recall"]) <= 1
+        assert float(row["diversity"]) > 0
+    md = (tmp / "root" / "results.md").read_text()
+    assert "digits_fd | prompt_accuracy | precision | recall | diversity |" in md
+    assert "![digits-FD and recall vs sampling steps](fd_vs_steps.png)" in md
+    from PIL import Image
+
+    plot = Image.open(tmp / "root" / "fd_vs_steps.png")
+    assert plot.size == (1000, 400)
+    # Not a blank canvas: the two panels and their lines put many distinct colours on it.
+    assert len(plot.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 20

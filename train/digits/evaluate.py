@@ -1,6 +1,7 @@
-"""Evaluate a digits model folder, optionally with an export applied: digits-FD and prompt
-accuracy at several step counts, as a Markdown table (trailing Euler, as the Lightning models
-are sampled), plus the real digits' own scores as a reference row.
+"""Evaluate a digits model folder, optionally with an export applied: digits-FD, prompt
+accuracy, k-NN precision/recall and within-prompt diversity at several step counts, as a
+Markdown table (trailing Euler, as the Lightning models are sampled), plus the real digits'
+own scores as a reference row (training split scored against the held-out split).
 
 Launch: `python -m train.digits.evaluate --model DIR --steps 32 8 4 2 1 --per-digit 20
 [--guidance G] [--export FILE] [--grid docs/digits_{steps}.png]`.
@@ -18,10 +19,10 @@ import torch
 
 from train.digits.data import INFO_FILE, digits_images, digits_split, read_model_info
 from train.digits.metrics import (
-    digits_fd,
+    EvalResult,
+    RenderedDigits,
     ensure_digits_classifier,
     held_out_images,
-    prompt_accuracy,
     render_digits,
     score_digits,
 )
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prediction-type", default=None, choices=["epsilon", "sample", "v_prediction"],
                    help="default: the export's (its metadata), else the model's scheduler's")
     p.add_argument("--steps", type=int, nargs="+", default=[32, 8, 4, 2, 1])
-    p.add_argument("--per-digit", type=int, default=20)
+    p.add_argument("--per-digit", type=int, default=20,
+                   help="images per digit (>= 2: diversity compares images of one digit)")
     p.add_argument("--guidance", type=float, default=None,
                    help="CFG scale; default: the model's digits_model.json value")
     p.add_argument("--seed", type=int, default=0)
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-root", default=None)
     add_debug_flag(p)
     args = p.parse_args(argv)
+    if args.per_digit < 2:
+        p.error(f"--per-digit {args.per_digit}: needs at least 2 images per digit")
     check_base_layout(Path(args.model))  # a one-line error for a wrong folder; the export is
     # verified by load_pipeline
 
@@ -59,22 +63,30 @@ def main(argv: list[str] | None = None) -> None:
     classifier = ensure_digits_classifier(args.cache_root)
     real, real_labels = held_out_images()
     data, split = digits_images(), digits_split()
-    train_real = data.images[torch.from_numpy(split.train)].float() / 255
-    rows = [f"| real (train vs held-out) | – | {digits_fd(train_real, real, classifier):.3f} | "
-            f"{prompt_accuracy(real, real_labels, classifier):.3f} |"]
+    train_idx = torch.from_numpy(split.train)
+    train_real = RenderedDigits(data.images[train_idx].float() / 255, data.labels[train_idx])
+    rows = [_row("real (train vs held-out)", "–", score_digits(train_real, 0, 0.0, classifier, real))]
     pipe.set_progress_bar_config(disable=True)
     for steps in args.steps:
         rendered = render_digits(pipe, steps, args.per_digit, guidance, args.seed)
-        r = score_digits(rendered, steps, guidance, classifier, real)
-        rows.append(f"| {steps} | {guidance:g} | {r.fd:.3f} | {r.accuracy:.3f} |")
+        rows.append(_row(str(steps), f"{guidance:g}",
+                         score_digits(rendered, steps, guidance, classifier, real)))
         if args.grid:  # 10 rows (digits) × up to 10 columns of the images just scored
             cols = min(args.per_digit, 10)
             keep = torch.arange(len(rendered.images)) % args.per_digit < cols
             save_grid(rendered.images[keep], args.grid.format(steps=steps), columns=cols, gutter=1)
     print(f"\nmodel: {args.model}  export: {args.export or 'none'}  per digit: {args.per_digit}  "
           f"seed: {args.seed}\n")
-    print("| steps | guidance | FD ↓ | accuracy ↑ |\n|---|---|---|---|")
+    print(f"| steps | guidance | {' | '.join(COLUMNS)} |\n|---|---|{'---|' * len(COLUMNS)}")
     print("\n".join(rows))
+
+
+COLUMNS = ("FD ↓", "accuracy ↑", "precision ↑", "recall ↑", "diversity")
+
+
+def _row(steps: str, guidance: str, r: EvalResult) -> str:
+    return (f"| {steps} | {guidance} | {r.fd:.3f} | {r.accuracy:.3f} | {r.precision:.3f} | "
+            f"{r.recall:.3f} | {r.diversity:.2f} |")
 
 
 if __name__ == "__main__":

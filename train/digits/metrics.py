@@ -3,7 +3,11 @@
 A small CNN classifier trained (seeded, cached) on the training split of the digits gives
 - `digits_fd`: the Fréchet distance between its penultimate features of two image sets
   (FID's formula, on a feature space that knows what digits look like), and
-- `prompt_accuracy`: how often it reads the digit the prompt asked for.
+- `prompt_accuracy`: how often it reads the digit the prompt asked for, and
+- the coverage metrics of METHOD.md's mode-coverage claim: `precision_recall` (Kynkäänniemi
+  et al. 2019: k-NN manifolds in the same feature space) and `within_prompt_diversity` (mean
+  pairwise feature distance among the images of one digit), which mode collapse lowers while
+  FD and accuracy can stay good.
 `evaluate_pipeline` renders prompts through an unmodified diffusers pipeline (the code path
 users run) and scores them against the held-out digits, which no model ever trains on;
 `evaluate_export` does so for an export at its own step count, guidance off (the sweep's --eval).
@@ -138,6 +142,52 @@ def prompt_accuracy(images: Tensor, labels: Tensor,
     return (logits.argmax(1) == labels.to(logits.device)).float().mean().item()
 
 
+@dataclass(frozen=True)
+class PrecisionRecall:
+    precision: float  # fraction of generated samples inside the real manifold (fidelity)
+    recall: float  # fraction of real samples inside the generated manifold (coverage)
+
+
+def knn_radii(feats: Tensor, k: int) -> Tensor:
+    """Distance of each row to its k-th nearest other row: the radius of its manifold ball."""
+    if len(feats) <= k:
+        raise ValueError(f"k-NN manifold with k={k} needs more than {k} samples, got {len(feats)}")
+    dist = torch.cdist(feats.double(), feats.double())
+    return dist.kthvalue(k + 1, dim=1).values  # k + 1: each row's nearest is itself (0)
+
+
+def _inside_manifold(queries: Tensor, support: Tensor, radii: Tensor) -> Tensor:
+    """For each query: is it inside the ball of at least one support sample?"""
+    return (torch.cdist(queries.double(), support.double()) <= radii[None]).any(dim=1)
+
+
+def precision_recall(gen_feats: Tensor, real_feats: Tensor, k: int = 3) -> PrecisionRecall:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, k = 3 as there): each set's
+    manifold is the union of balls around its samples reaching the k-th nearest neighbour.
+    Precision = generated samples inside the real manifold; recall = real samples inside the
+    generated manifold. Mode collapse shows as low recall at high precision."""
+    precision = _inside_manifold(gen_feats, real_feats, knn_radii(real_feats, k)).double().mean()
+    recall = _inside_manifold(real_feats, gen_feats, knn_radii(gen_feats, k)).double().mean()
+    return PrecisionRecall(precision.item(), recall.item())
+
+
+def within_prompt_diversity(feats: Tensor, labels: Tensor) -> float:
+    """Mean over prompts (digits) of the mean pairwise L2 feature distance among the images
+    generated for that prompt: how different one prompt's samples are from each other. Report
+    it as a ratio to the teacher's on the same prompts and seeds."""
+    per_prompt = []
+    for label in labels.unique():
+        group = feats[labels == label].double()
+        if len(group) < 2:
+            continue
+        dist = torch.cdist(group, group)
+        n = len(group)
+        per_prompt.append(dist.sum() / (n * (n - 1)))  # the zero diagonal is excluded from n(n-1)
+    if not per_prompt:
+        raise ValueError("within-prompt diversity needs at least two images of one prompt")
+    return torch.stack(per_prompt).mean().item()
+
+
 def held_out_images() -> tuple[Tensor, Tensor]:
     """The held-out real digits ([0, 1] floats) and their labels."""
     data, split = digits_images(), digits_split()
@@ -181,18 +231,25 @@ class EvalResult:
     fd: float  # Fréchet distance to the real images (lower is better)
     accuracy: float  # prompt accuracy (higher is better; chance is 0.1)
     per_digit_accuracy: tuple[float, ...]
+    precision: float  # k-NN precision against the real images (fidelity, higher is better)
+    recall: float  # k-NN recall against the real images (coverage, higher is better)
+    diversity: float  # within-prompt diversity (compare as a ratio to the teacher's)
 
 
 def score_digits(rendered: RenderedDigits, num_steps: int, guidance_scale: float,
                  classifier: DigitClassifier, real_images: Tensor) -> EvalResult:
-    """FD to `real_images` and prompt accuracy of already rendered digits."""
+    """FD, precision/recall to `real_images`, prompt accuracy and within-prompt diversity of
+    already rendered digits (one feature pass each for the generated and the real images)."""
     with torch.no_grad():
-        pred = torch.cat([classifier(b) for b in rendered.images.split(512)]).argmax(1)
+        gen_feats = classifier_features(classifier, rendered.images)
+        real_feats = classifier_features(classifier, real_images)
+        pred = classifier.head(gen_feats).argmax(1)
     hits = (pred == rendered.labels).float()
     per_digit_acc = tuple(hits[rendered.labels == d].mean().item() for d in range(10))
+    pr = precision_recall(gen_feats, real_feats)
     return EvalResult(num_steps, guidance_scale, len(rendered.images),
-                      digits_fd(rendered.images, real_images, classifier), hits.mean().item(),
-                      per_digit_acc)
+                      frechet_distance(gen_feats, real_feats), hits.mean().item(), per_digit_acc,
+                      pr.precision, pr.recall, within_prompt_diversity(gen_feats, rendered.labels))
 
 
 def evaluate_pipeline(pipe, num_steps: int, per_digit: int = 20, guidance_scale: float = 0.0,

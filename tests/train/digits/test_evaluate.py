@@ -1,5 +1,5 @@
-"""python -m train.digits.evaluate: the Markdown table of digits-FD and prompt accuracy of a
-model folder, and its sample grids."""
+"""python -m train.digits.evaluate: the Markdown table of digits-FD, prompt accuracy and the
+coverage metrics of a model folder, and its sample grids."""
 
 from __future__ import annotations
 
@@ -15,8 +15,15 @@ def test_cli_prints_the_table_and_writes_grids(digits_cache, tmp_path, capsys):
     main(["--model", str(model), "--steps", "2", "1", "--per-digit", "2", "--cache-root", str(digits_cache),
           "--grid", str(grid)])
     out = capsys.readouterr().out
-    assert "| steps | guidance | FD ↓ | accuracy ↑ |" in out and "| real (train vs held-out) |" in out
-    rows = [line for line in out.splitlines() if line.startswith(("| 2 |", "| 1 |"))]
-    assert len(rows) == 2
+    header = "| steps | guidance | FD ↓ | accuracy ↑ | precision ↑ | recall ↑ | diversity |"
+    assert header in out
+    rows = [line for line in out.splitlines() if line.startswith(("| 2 |", "| 1 |", "| real"))]
+    assert len(rows) == 3
+    for row in rows:  # every metric cell is a finite number; probabilities within [0, 1]
+        cells = [float(c) for c in row.strip("|").split("|")[2:]]
+        assert len(cells) == 5 and all(c == c and abs(c) < 1e6 for c in cells)
+        assert all(0 <= c <= 1 for c in cells[1:4])
+    real = next(r for r in rows if r.startswith("| real"))
+    assert float(real.split("|")[5]) > 0.8  # recall of the training digits against held-out
     # 10 digits × 2 samples, 1 px gutters around 32 px tiles
     assert Image.open(tmp_path / "digits_1.png").size == (2 * 33 + 1, 10 * 33 + 1)

@@ -1,5 +1,6 @@
-"""The digits evaluator: Fréchet distance in a digit classifier's feature space and prompt
-accuracy, checked in closed form and on real digits vs noise."""
+"""The digits evaluator: Fréchet distance in a digit classifier's feature space, prompt
+accuracy and the coverage metrics (k-NN precision/recall, within-prompt diversity), checked in
+closed form and on real digits vs noise and vs a mode-collapsed selection of real digits."""
 
 from __future__ import annotations
 
@@ -10,13 +11,19 @@ from train.digits.builder import ensure_digits_model
 from train.digits.data import digits_images, digits_split
 from train.digits.metrics import (
     DigitClassifier,
+    RenderedDigits,
+    classifier_features,
     digits_fd,
     ensure_digits_classifier,
     evaluate_pipeline,
     frechet_distance,
     held_out_images,
+    knn_radii,
+    precision_recall,
     prompt_accuracy,
     render_digits,
+    score_digits,
+    within_prompt_diversity,
 )
 from train.pipeline import load_pipeline
 from train.validation import save_grid
@@ -44,6 +51,68 @@ def test_frechet_distance_closed_form():
     centred = a - a.mean(0)
     cov_trace = torch.cov(centred.T.double()).trace().item()
     assert frechet_distance(centred, 2 * centred) == pytest.approx(cov_trace, rel=1e-5)
+
+
+def test_knn_radii_by_hand():
+    points = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    # Nearest others: 0→1 (1), 1→0 (1), 3→1 (2), 7→3 (4); second nearest: 3, 2, 3, 6.
+    assert knn_radii(points, 1).tolist() == [1.0, 1.0, 2.0, 4.0]
+    assert knn_radii(points, 2).tolist() == [3.0, 2.0, 3.0, 6.0]
+    with pytest.raises(ValueError, match="k=4 needs more than 4"):
+        knn_radii(points, 4)
+
+
+def test_precision_recall_separate_fidelity_from_coverage():
+    g = torch.Generator().manual_seed(0)
+    mode_a = torch.randn(300, 4, generator=g)
+    mode_b = torch.randn(300, 4, generator=g) + 20  # two well-separated modes
+    real = torch.cat([mode_a, mode_b])
+    same = torch.cat([torch.randn(300, 4, generator=g), torch.randn(300, 4, generator=g) + 20])
+    full = precision_recall(same, real)
+    assert full.precision > 0.9 and full.recall > 0.9
+    # Collapse onto one mode: every sample is still realistic, half the real data is uncovered.
+    collapsed = precision_recall(torch.randn(600, 4, generator=g), real)
+    assert collapsed.precision > 0.9
+    assert 0.4 < collapsed.recall < 0.55
+    # Far from everything: neither.
+    far = precision_recall(torch.randn(600, 4, generator=g) + 100, real)
+    assert far.precision == 0 and far.recall == 0
+
+
+def test_within_prompt_diversity_by_hand():
+    feats = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    # Prompt 0: one pair at distance 5. Prompt 1: pairs 2, 4, 2 → mean 8/3.
+    assert within_prompt_diversity(feats, labels) == pytest.approx((5 + 8 / 3) / 2)
+    # Identical samples per prompt (full collapse within a prompt): no diversity.
+    assert within_prompt_diversity(torch.ones(4, 2), torch.tensor([0, 0, 1, 1])) == 0
+    with pytest.raises(ValueError, match="at least two images"):
+        within_prompt_diversity(torch.ones(2, 2), torch.tensor([0, 1]))
+
+
+def test_coverage_metrics_see_a_mode_collapsed_selection_of_real_digits(classifier, train_real):
+    """Real held-out digits scored as if generated, 10 per digit: a random draw vs the 10
+    nearest (in feature space) to one sample of each digit, a mode-collapsed draw of the same
+    size. Both read as the right digit and look real (precision); the collapsed draw covers less
+    of the real digits (recall) and varies less within a prompt (diversity)."""
+    real, labels = held_out_images()
+    feats = classifier_features(classifier, real)
+    g = torch.Generator().manual_seed(0)
+    random_draw, collapsed_draw = [], []
+    for d in range(10):
+        idx = torch.nonzero(labels == d).flatten()
+        random_draw.append(idx[torch.randperm(len(idx), generator=g)[:10]])
+        nearest = (feats[idx] - feats[idx[0]]).norm(dim=1).argsort()[:10]
+        collapsed_draw.append(idx[nearest])
+    honest, collapsed = (
+        score_digits(RenderedDigits(real[sel], labels[sel]), 32, 0.0, classifier, train_real)
+        for sel in (torch.cat(random_draw), torch.cat(collapsed_draw)))
+    assert honest.accuracy > 0.9 and collapsed.accuracy > 0.9
+    assert honest.precision > 0.7 and collapsed.precision > 0.7
+    assert honest.recall > 0.85  # measured 0.95; collapsed 0.75
+    assert collapsed.recall < honest.recall - 0.1
+    assert collapsed.diversity < 0.85 * honest.diversity  # measured 28.3 vs 37.0
+    assert collapsed.fd > honest.fd
 
 
 def test_classifier_reads_held_out_digits(classifier):
@@ -74,7 +143,8 @@ def test_evaluate_pipeline_on_tiny_model(classifier, digits_cache, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     result = evaluate_pipeline(pipe, 1, per_digit=2, guidance_scale=3.0, classifier=classifier)
     assert result.num_images == 20 and result.num_steps == 1
-    assert torch.isfinite(torch.tensor([result.fd, result.accuracy])).all()
+    assert torch.isfinite(torch.tensor([result.fd, result.accuracy, result.diversity])).all()
+    assert 0 <= result.precision <= 1 and 0 <= result.recall <= 1
     assert 0 <= result.accuracy <= 1 and len(result.per_digit_accuracy) == 10
     # Each image has its own seeded generator: batching does not change the samples.
     a = render_digits(pipe, 1, 1, 3.0, seed=5, batch_size=10)

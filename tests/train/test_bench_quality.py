@@ -1,0 +1,65 @@
+"""scripts/bench_quality.py: the coverage columns and the mode-coverage expectation in process,
+and the direct-adversarial baseline trained and evaluated for real on the tiny digits model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, subprocess_env
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "scripts/bench_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_shows_diversity_relative_to_teacher_32_and_the_coverage_claim():
+    bench = _bench()
+    Row = bench.Row
+    rows = [Row("teacher", 32, 10.0, 0.95, 0.8, 0.9, 40.0, 0.02, 100),
+            Row("ours", 4, 11.0, 0.94, 0.8, 0.85, 36.0, 0.003, 100),
+            Row("direct", 4, 12.0, 0.96, 0.9, 0.5, 20.0, 0.003, 100),
+            Row("ours", 1, 14.0, 0.9, 0.7, 0.6, 30.0, 0.001, 100),
+            Row("direct", 1, 13.0, 0.9, 0.8, 0.7, 32.0, 0.001, 100)]
+    lines = bench.table(rows).splitlines()
+    assert "| precision ↑ | recall ↑ | diversity / teacher-32 |" in lines[0]
+    assert lines[3] == "| ours | 4 | 11.000 | 94.0% | 0.800 | 0.850 | 0.90 | 1.10 | 0.150 |"
+    assert dict(bench.coverage_claim(rows)) == {
+        "ours-4 recall >= direct-4 recall": True, "ours-4 diversity >= direct-4 diversity": True,
+        "ours-1 recall >= direct-1 recall": False, "ours-1 diversity >= direct-1 diversity": False}
+    assert bench.row_name("direct-4") == "direct" and bench.row_name("ours") == "ours"
+
+
+@pytest.mark.e2e
+def test_direct_adversarial_variants_train_and_get_coverage_rows(digits_cache, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "scripts/bench_quality.py", "--config", "configs/tiny.yaml",
+         "--override", f"model.cache_dir={digits_cache}", "--variants", "direct-4", "direct-1",
+         "--per-digit", "2", "--runs-root", str(tmp_path / "runs"), "--out", str(out)],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((out / "bench_results.json").read_text())
+    assert [(r["name"], r["steps"]) for r in rows] == [
+        ("teacher", s) for s in (32, 8, 4, 2, 1)] + [("direct", 4), ("direct", 1)]
+    for r in rows:
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["diversity"] > 0
+    # Each direct run is one stage straight from the base (its only stage is its step count).
+    for n in (4, 1):
+        run = next((tmp_path / "runs").glob(f"direct-{n}-*"))
+        assert [p.name for p in (run / "stages").iterdir() if p.is_dir()] == [f"{n}step"]
+    report = (out / "bench_results.md").read_text()
+    assert "| direct | 1 |" in report and "| recall ↑ |" in report
+    # The grid's columns: teacher-32, teacher-4, direct-4, direct-1; 2 samples of 32 px at 3x,
+    # 12 px gutters; 10 digits high plus an 18 px label row and a gutter.
+    assert Image.open(out / "bench_side_by_side.png").size == (4 * (2 * 32 * 3 + 12) + 12,
+                                                               10 * 32 * 3 + 18 + 12)
