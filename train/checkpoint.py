@@ -48,6 +48,11 @@ class Counters:
     step: int  # optimizer steps done inside the phase
     nonfinite_in_row: int  # consecutive skipped steps (pitfall 10)
     skipped_total: int  # all skipped steps in the phase
+    # The phase step at which the data stream in use was opened (train.data.training_stream):
+    # a resume opens it there again and skips the batches up to `step`, so a checkpoint off
+    # the every_steps schedule (a stop on a signal) resumes on the same data. None (counters
+    # of an earlier version): `step`.
+    stream_start: int | None = None
 
 
 def complete_checkpoints(phase_dir: Path) -> list[tuple[int, Path]]:

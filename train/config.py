@@ -186,6 +186,7 @@ class RuntimeConfig:
     mixed_precision: str = "no"  # autocast: no | fp16 | bf16 (trainable weights stay fp32)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_nonfinite_steps: int = 10  # stop after this many skipped (non-finite) steps in a row
+    max_skipped_fraction: float = 0.5  # a phase ending with more than this fraction of its steps skipped (non-finite) publishes no final: a one-line error (1 = never)
     nccl_timeout_s: int = 7200  # process-group timeout in seconds (rank-0 validation/export)
     fault_nonfinite_steps: list[int] = field(default_factory=list)  # fault injection (tests): global steps whose student loss is made NaN
     compile: bool = False  # torch.compile the student UNet and the discriminator (in place, keys unchanged)
@@ -194,6 +195,9 @@ class RuntimeConfig:
     def __post_init__(self):
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _positive(self, "gradient_accumulation_steps", "max_nonfinite_steps", "nccl_timeout_s")
+        _finite("max_skipped_fraction", self.max_skipped_fraction)
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigError(f"max_skipped_fraction: must be in [0, 1] (1: never), got {self.max_skipped_fraction}")
 
 
 @dataclass

@@ -17,15 +17,22 @@ deterministic, non-resampled order used to precompute latents.
 
 Bad samples (unreadable shard, corrupt tar, undecodable or truncated image, missing or empty
 caption, an aspect ratio beyond 1:16) are skipped with a warning naming the sample key and
-counted by reason; grayscale, palette, RGBA and 16-bit images are converted to 8-bit RGB (16-bit
-scaled, not clipped). Data that yields nothing is a `DataError` (a one-line user error): a
-shard pattern matching no file, too many shards in a row without a sample, too many unusable
-samples in a row. It reaches the training process as an item of the stream, not as an
-exception re-raised by a DataLoader worker (which would carry the worker's traceback). The counts
-live in the process that decodes (a DataLoader worker when num_workers > 0), so every batch
-carries its worker's cumulative counts and `SampleStream.skip_counts` sums the latest counts
-of each worker in the training process. Skips after a worker's last delivered batch are
-reported with its next batch.
+counted by reason. Images that are not 8-bit RGB are converted deliberately and counted by
+kind (`to_rgb8`): 16-bit grayscale scaled by 1/257 (PIL's convert("RGB") clips it: a 16-bit
+PNG comes out nearly white), alpha composited on white (convert("RGB") drops it and shows the
+colour under transparent pixels, often black), grayscale, palette and CMYK through PIL's
+conversions. A JSON sidecar that does not parse is counted (`invalid_json`) and ignored.
+
+Before any model loads, `check_training_data` expands the shard pattern and checks that every
+local shard exists and is a tar file with a member, and that the shards hold a usable sample:
+the error names the pattern and the first missing or unreadable file. While training, data
+that yields nothing is a `DataError` too (a one-line user error): too many shards in a row
+without a sample, too many unusable samples in a row. It reaches the training process as an
+item of the stream, not as an exception re-raised by a DataLoader worker (which would carry
+the worker's traceback). The counts live in the process that decodes (a DataLoader worker
+when num_workers > 0), so every batch carries its worker's cumulative counts and
+`SampleStream.skip_counts` / `converted_counts` sum the latest counts of each worker in the
+training process. Skips after a worker's last delivered batch are reported with its next batch.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import logging
 import random
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -52,6 +59,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from distill.conditioning import Conditioning
 from train.config import DataConfig
 from train.errors import DataError
+from train.stop import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +83,8 @@ class ImageBatch:
     time_ids: (B, 6) float32 (orig_h, orig_w, crop_top, crop_left, target_h, target_w),
         height first (pitfall 4); crops in the coordinates of the resized image.
     skip_counts: cumulative skipped samples by reason in the worker that built this batch.
+    converted_counts: cumulative images converted to 8-bit RGB by kind, and other notes
+        (`invalid_json`), in that worker.
     """
 
     pixels: Tensor
@@ -83,6 +93,7 @@ class ImageBatch:
     keys: list[str]
     worker: int
     skip_counts: dict[str, int]
+    converted_counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,19 +106,30 @@ class LatentBatch:
     keys: list[str]
     worker: int
     skip_counts: dict[str, int]
+    converted_counts: dict[str, int] = field(default_factory=dict)
 
 
 class SkipCounter:
-    """Skipped samples by reason, in the process that decodes them; logs each skip."""
+    """Skipped samples by reason, and used samples by conversion, in the process that decodes
+    them; logs each skip (unless quiet), and each kind of conversion the first time."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.counts: dict[str, int] = {}
+        self.converted: dict[str, int] = {}
+        self.quiet = quiet
         self.shard: tuple[int, str] = (-1, "")  # (visit number, url) of the shard being read
         self._failed_visit = -2
 
     def skip(self, reason: str, where: str, detail: object = "") -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        logger.warning("skipping sample %s (%s): %s", where, reason, detail)
+        if not self.quiet:
+            logger.warning("skipping sample %s (%s): %s", where, reason, detail)
+
+    def note(self, kind: str, where: str) -> None:
+        """A sample used after a deliberate conversion (or with its metadata ignored)."""
+        if kind not in self.converted and not self.quiet:
+            logger.info("using %s samples (first: %s); counted in data_converted", kind, where)
+        self.converted[kind] = self.converted.get(kind, 0) + 1
 
     def tar_handler(self, exn: Exception) -> bool:
         """webdataset handler hook: count a shard-level error once per shard, go to the next.
@@ -141,23 +163,34 @@ class SampleStream(Generic[B]):
     """
 
     def __init__(self, dataset: IterableDataset, num_workers: int) -> None:
-        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                  worker_init_fn=ignore_stop_signals if num_workers else None)
         self._latest: dict[int, dict[str, int]] = {}
+        self._latest_converted: dict[int, dict[str, int]] = {}
 
     @property
     def skip_counts(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for counts in self._latest.values():
-            for reason, n in counts.items():
-                total[reason] = total.get(reason, 0) + n
-        return total
+        return _summed(self._latest)
+
+    @property
+    def converted_counts(self) -> dict[str, int]:
+        return _summed(self._latest_converted)
 
     def __iter__(self) -> Iterator[B]:
         for batch in self._loader:
             if isinstance(batch, _StreamFailure):
                 raise batch.error
             self._latest[batch.worker] = batch.skip_counts
+            self._latest_converted[batch.worker] = batch.converted_counts
             yield batch
+
+
+def _summed(per_worker: dict[int, dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in per_worker.values():
+        for reason, n in counts.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
 
 
 def _is_local(url: str) -> bool:
@@ -169,15 +202,79 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
 
     Raises DataError when there are none, or when they are local files and none exists (some
     missing ones are skipped and counted as unreadable shards)."""
-    patterns = [urls] if isinstance(urls, (str, Path)) else list(urls)
-    out = [str(u) for p in patterns for u in braceexpand.braceexpand(str(p))]
-    if not out:
-        raise DataError("no shards given", repr(urls), FIX_DATA)
+    out = _expanded(urls)
     local = [u for u in out if _is_local(u)]
     if local and len(local) == len(out) and not any(Path(u).is_file() for u in local):
         shown = out[0] if len(out) == 1 else f"{out[0]} ... {out[-1]}, {len(out)} paths"
         raise DataError("no shard file exists", shown, FIX_DATA)
     return out
+
+
+def _expanded(urls: str | Sequence[str]) -> list[str]:
+    patterns = [urls] if isinstance(urls, (str, Path)) else list(urls)
+    out = [str(u) for p in patterns for u in braceexpand.braceexpand(str(p))]
+    if not out:
+        raise DataError("no shards given", repr(urls), FIX_DATA)
+    return out
+
+
+def check_training_data(data_cfg: DataConfig, shards: str) -> None:
+    """Before any model loads (main process): the shards the training stream will read exist,
+    are tar files with a first member, and hold a usable sample. Raises a DataError naming the
+    pattern and the first missing or unreadable file. Remote shards (URLs, `pipe:`) are left
+    to the stream."""
+    if data_cfg.latent_shards:
+        key, pattern, decode = "data.latent_shards", data_cfg.latent_shards, _latent_decoder
+    else:
+        key, pattern = "data.train_shards", shards
+        decode = _image_decoder(data_cfg.resolution, data_cfg.center_crop, "image")
+    urls = _expanded(pattern.split(" ") if " " in pattern else pattern)
+    local = [u for u in urls if _is_local(u)]
+    where = f"{key}={pattern}" if len(pattern) <= 200 else f"{key}={pattern[:200]}..."
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        what = ("no shard file exists" if len(missing) == len(urls)
+                else f"{len(missing)} of {len(urls)} shard files are missing")
+        raise DataError(f"{what}, the first: {missing[0]}", where, FIX_DATA)
+    for url in local:
+        problem = _tar_problem(url)
+        if problem:
+            raise DataError(f"shard {url} {problem}", where, FIX_DATA)
+    _check_usable_sample(local, decode, where)
+
+
+def _tar_problem(path: str) -> str | None:
+    """Why a shard is not a readable tar file with a member (None: it is), from its first
+    header only: a check of 10,000 shards costs 10,000 small reads."""
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            first = next(iter(tar), None)
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        return f"is not a readable tar file ({type(exn).__name__}: {str(exn)[:120]})"
+    return None if first is not None else "is an empty tar file (no member)"
+
+
+def _check_usable_sample(urls: list[str], decode: Callable, where: str) -> None:
+    """Decode samples in shard order until one is usable, as the stream will; raise after
+    MAX_BAD_SAMPLES_IN_A_ROW unusable ones or the end of the shards."""
+    if not urls:
+        return
+    counter = SkipCounter(quiet=True)
+
+    def shard_dicts() -> Iterator[dict]:
+        for visit, url in enumerate(urls):
+            counter.shard = (visit, url)
+            yield {"url": url}
+
+    rng, seen = random.Random(0), 0
+    for sample in wds.tarfile_samples(shard_dicts(), handler=counter.tar_handler):
+        if decode(sample, rng, counter) is not None:
+            return
+        seen += 1
+        if seen >= MAX_BAD_SAMPLES_IN_A_ROW:
+            break
+    raise DataError(f"no usable sample among the first {seen} of the shards (skipped: {counter.counts})",
+                    where, "check the images and captions in the shards; " + FIX_DATA)
 
 
 def stream_seed(*parts: object) -> int:
@@ -279,10 +376,10 @@ class _BatchStream(IterableDataset):
             bad_in_a_row = 0
             chunk.append(item)
             if len(chunk) == self.batch_size:
-                yield self.collate(chunk, worker, dict(counter.counts))
+                yield self.collate(chunk, worker, dict(counter.counts), dict(counter.converted))
                 chunk = []
         if chunk and not self.drop_last:
-            yield self.collate(chunk, worker, dict(counter.counts))
+            yield self.collate(chunk, worker, dict(counter.counts), dict(counter.converted))
 
 
 # ---------------------------------------------------------------- images
@@ -302,24 +399,58 @@ def resize_and_crop(image: Image.Image, resolution: int, *, center_crop: bool,
     return image.crop((left, top, left + resolution, top + resolution)), top, left
 
 
-def to_rgb8(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any decoded mode. PIL's convert("RGB") clips 16-bit grayscale at 255
-    (a 16-bit PNG would come out nearly white): scale those by 1/257 first."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+KIND_BY_MODE = {"L": "grayscale", "1": "grayscale", "P": "palette", "CMYK": "cmyk"}
+WHITE = (255, 255, 255, 255)
+
+
+def to_rgb8(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """8-bit RGB from any decoded mode, and the kind of conversion (None: it was 8-bit RGB).
+
+    - "16bit": 16-bit grayscale (PNG's I;16) scaled by 1/257 to the full 8-bit range; PIL's
+      convert("RGB") clips it at 255, and a 16-bit PNG comes out nearly white. (PIL decodes
+      16-bit RGB and RGBA PNGs to 8 bits itself, from the high bytes: the full range.)
+    - "alpha": RGBA, LA, PA, or a transparent palette colour, composited on white;
+      convert("RGB") would drop alpha and show the colour under transparent pixels (often black).
+    - "grayscale", "palette", "cmyk", "other_mode" (YCbCr, LAB, HSV, F): PIL's conversion.
+    """
+    kind = None
+    if image.mode in SIXTEEN_BIT_MODES:
         gray = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(np.round(gray), 0, 255).astype(np.uint8), mode="L")
-    return image.convert("RGB")
+        image, kind = Image.fromarray(np.clip(np.round(gray), 0, 255).astype(np.uint8)), "16bit"
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB"), kind or "alpha"
+    if image.mode == "RGB":
+        return image, kind
+    return image.convert("RGB"), kind or KIND_BY_MODE.get(image.mode, "other_mode")
 
 
 ORIGINAL_SIZE_SOURCES = ("image", "metadata")
 
 
-def _original_size(meta: bytes | None, image: Image.Image, source: str) -> tuple[int, int]:
+def _sidecar(sample: dict, key: str, counter: SkipCounter) -> dict | None:
+    """The sample's JSON sidecar as a dict; one that does not parse (or is no JSON object) is
+    counted as `invalid_json` and ignored: it is optional metadata, the image is still used."""
+    raw = sample.get("json")
+    if raw is None:
+        return None
+    try:
+        info = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        info = None
+    if not isinstance(info, dict):
+        counter.note("invalid_json", key)
+        return None
+    return info
+
+
+def _original_size(info: dict | None, image: Image.Image, source: str) -> tuple[int, int]:
     """SDXL's original (height, width): the decoded image's, or with source="metadata"
     img2dataset's `original_height`/`original_width` (the size before its resize), falling
     back to the decoded size where the json lacks them."""
-    if source == "metadata" and meta:
-        info = json.loads(meta)
+    if source == "metadata" and info:
         h, w = info.get("original_height"), info.get("original_width")
         if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
             return h, w
@@ -359,8 +490,7 @@ def _image_decoder(resolution: int, center_crop: bool, original_size: str) -> Ca
         try:
             with Image.open(io.BytesIO(sample[ext])) as raw:
                 raw.load()
-                image = to_rgb8(raw)
-            orig_h, orig_w = _original_size(sample.get("json"), image, original_size)
+                image, converted = to_rgb8(raw)
         except UnidentifiedImageError as exn:
             counter.skip("undecodable_image", key, repr(exn))
             return None
@@ -370,6 +500,9 @@ def _image_decoder(resolution: int, center_crop: bool, original_size: str) -> Ca
         if max(image.size) > MAX_ASPECT * min(image.size):
             counter.skip("extreme_aspect", key, f"{image.width}x{image.height}")
             return None
+        if converted:
+            counter.note(converted, key)
+        orig_h, orig_w = _original_size(_sidecar(sample, key, counter), image, original_size)
         image, top, left = resize_and_crop(image, resolution, center_crop=center_crop, rng=rng)
         time_ids = (orig_h, orig_w, top, left, resolution, resolution)
         return _ImageItem(sample["__key__"], np.asarray(image), caption, time_ids)
@@ -377,7 +510,8 @@ def _image_decoder(resolution: int, center_crop: bool, original_size: str) -> Ca
     return decode
 
 
-def _collate_images(items: list[_ImageItem], worker: int, skips: dict[str, int]) -> ImageBatch:
+def _collate_images(items: list[_ImageItem], worker: int, skips: dict[str, int],
+                    converted: dict[str, int]) -> ImageBatch:
     pixels = torch.from_numpy(np.stack([it.pixels for it in items])).permute(0, 3, 1, 2)
     return ImageBatch(
         pixels=pixels.float() / 127.5 - 1.0,
@@ -386,6 +520,7 @@ def _collate_images(items: list[_ImageItem], worker: int, skips: dict[str, int])
         keys=[it.key for it in items],
         worker=worker,
         skip_counts=skips,
+        converted_counts=converted,
     )
 
 
@@ -448,13 +583,14 @@ def _latent_decoder(sample: dict, rng: random.Random, counter: SkipCounter) -> d
     return {"key": sample["__key__"], "caption": caption, **arrays}
 
 
-def _collate_latents(items: list[dict], worker: int, skips: dict[str, int]) -> LatentBatch:
+def _collate_latents(items: list[dict], worker: int, skips: dict[str, int],
+                     converted: dict[str, int]) -> LatentBatch:
     def stack(field: str) -> Tensor:
         return torch.from_numpy(np.stack([it[field] for it in items])).float()
 
     cond = Conditioning(stack("prompt_embeds.npy"), stack("pooled.npy"), stack("time_ids.npy"))
     return LatentBatch(stack("latents.npy"), cond, [it["caption"] for it in items],
-                       [it["key"] for it in items], worker, skips)
+                       [it["key"] for it in items], worker, skips, converted)
 
 
 def latent_loader(urls: str | Sequence[str], *, batch_size: int, seed: int, rank: int,

@@ -46,9 +46,10 @@ def resolve_base(model_cfg: ModelConfig) -> Path:
     is built on first use."""
     if is_embedded(model_cfg):
         size = model_cfg.base.split(":", 1)[1]
-        return Path(_digits().ensure_digits_model(cache_root(model_cfg), size))
-    path = Path(model_cfg.base)
-    check_base_layout(path)
+        path = Path(_digits().ensure_digits_model(cache_root(model_cfg), size))
+    else:
+        path = Path(model_cfg.base)
+    check_base_layout(path)  # the embedded one too: a damaged cache is named like any folder
     return path
 
 

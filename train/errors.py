@@ -10,6 +10,11 @@ that formats them:
 and exits with status 2. The traceback is printed as well under `--debug` (every CLI has the
 flag, `add_debug_flag`) or LIGHTNING_DEBUG=1. Any other exception is a bug: it keeps Python's
 traceback and exit status 1.
+
+A run stopped by a signal (SIGTERM, SIGINT, SIGUSR1: train/stop.py) is not an error but ends
+the same way, one line and its own status: `stopped: <what> (<where>): <what to do>`, exit
+status 75 (`STOPPED_STATUS`, sysexits' EX_TEMPFAIL: "try again later", which is what a
+scheduler's requeue logic should do with it).
 """
 
 from __future__ import annotations
@@ -22,10 +27,15 @@ from collections.abc import Callable
 
 DEBUG_ENV = "LIGHTNING_DEBUG"
 USER_ERROR_STATUS = 2
+STOPPED_STATUS = 75  # EX_TEMPFAIL: stopped on request with a complete checkpoint; run again to resume
 
 
-class UserError(Exception):
-    """A problem the user can fix. `str()` is the one-line message without the "error: "."""
+class OneLineExit(Exception):
+    """Ends a CLI with one line `<label>: <what> (<where>): <what to do>` and `status`.
+    `str()` is the line without the label."""
+
+    label = "error"
+    status = USER_ERROR_STATUS
 
     def __init__(self, what: str, where: object = "", todo: str = ""):
         super().__init__(what, where, todo)  # args round-trip through pickle (DataLoader workers)
@@ -38,6 +48,17 @@ class UserError(Exception):
         if self.todo:
             text += f": {self.todo}"
         return text
+
+
+class UserError(OneLineExit):
+    """A problem the user can fix (exit status 2)."""
+
+
+class Stopped(OneLineExit):
+    """The run stopped on a signal after a complete checkpoint (train/stop.py); not an error."""
+
+    label = "stopped"
+    status = STOPPED_STATUS
 
 
 class DamagedFile(UserError):
@@ -77,20 +98,22 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
                         help=f"print the traceback of user errors too (or set {DEBUG_ENV}=1)")
 
 
-def report(err: UserError) -> int:
-    """Print a user error on one line (and its traceback in debug mode); the exit status."""
+def report(err: OneLineExit) -> int:
+    """Print a user error (or a stop) on one line (and its traceback in debug mode); the exit
+    status."""
     if debug_enabled():
         traceback.print_exception(err)
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    return USER_ERROR_STATUS
+    print(f"{err.label}: {err}", file=sys.stderr, flush=True)
+    return err.status
 
 
 def run_cli(main: Callable[[], object]) -> int:
-    """Run a CLI's `main()`; a UserError becomes one line on stderr and exit status 2.
+    """Run a CLI's `main()`; a UserError becomes one line on stderr and exit status 2, a stop
+    on a signal one line and status 75.
 
     An int returned by `main` is the exit status, anything else means 0."""
     try:
         status = main()
-    except UserError as err:
+    except OneLineExit as err:
         return report(err)
     return status if isinstance(status, int) else 0

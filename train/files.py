@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from train.errors import DiskFull, UserError
+from train.errors import DiskFull, OneLineExit, UserError
 from train.manifest import write_manifest
 
 TMP_SUFFIX = ".tmp"
@@ -63,7 +63,7 @@ def disk_full_guard(where: Path) -> Iterator[None]:
     """Turn an out-of-space failure of the writes inside into `DiskFull` naming `where`."""
     try:
         yield
-    except UserError:
+    except OneLineExit:  # a user error or a stop is what it says, whatever the free space
         raise
     except Exception as exc:
         if is_disk_full(exc, where):
@@ -102,6 +102,32 @@ def set_aside(path: Path) -> Path:
                         path, target.name)
             return target
     raise FileExistsError(f"{path}: too many {CORRUPT_SUFFIX} copies already")
+
+
+def remove_orphans(root: Path, keep: tuple[str, ...] = ("wandb",)) -> list[Path]:
+    """Remove the staging files and folders (`*.tmp`) that interrupted writes left under `root`
+    (a kill -9, a second signal, a power cut in the middle of a checkpoint, final, export or
+    manifest); returns what was removed. Only for a run directory whose lock this process
+    holds (train/lock.py): then no write is in progress there. Top-level folders in `keep`
+    (wandb's own) are not walked."""
+    root, removed = Path(root), []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if here == root:
+            dirnames[:] = [d for d in dirnames if d not in keep]
+        for name in [d for d in dirnames if d.endswith(TMP_SUFFIX)]:
+            shutil.rmtree(here / name, ignore_errors=True)
+            dirnames.remove(name)
+            removed.append(here / name)
+        for name in filenames:
+            if name.endswith(TMP_SUFFIX):
+                (here / name).unlink(missing_ok=True)
+                removed.append(here / name)
+    if removed:
+        shown = ", ".join(str(p.relative_to(root)) for p in removed[:3])
+        log.warning("removed %d leftover staging file(s) of interrupted writes: %s%s", len(removed),
+                    shown, " ..." if len(removed) > 3 else "")
+    return removed
 
 
 def staging_path(final: Path) -> Path:

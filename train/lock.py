@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
-from train.errors import RunLocked, UserError
+from train.errors import RunLocked
 from train.files import make_output_dir
+from train.ranks import main_process_check
 
 log = logging.getLogger("train")
 
@@ -34,11 +34,13 @@ log = logging.getLogger("train")
 class RunLock:
     path: Path
     fd: int
+    exclusive: bool = True  # False where the filesystem cannot lock: another run may be writing
 
     @classmethod
     def acquire(cls, path: Path) -> RunLock:
         path = Path(path)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        exclusive = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -55,11 +57,12 @@ class RunLock:
                 raise
             log.warning("%s: the filesystem cannot lock files (%s); make sure no other run "
                         "uses this output_dir", path, err.strerror)
+            exclusive = False
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        return cls(path, fd)
+        return cls(path, fd, exclusive)
 
     def release(self) -> None:
         if self.fd < 0:
@@ -82,15 +85,9 @@ def _read_holder(path: Path) -> dict:
 def claim_run_dir(root: Path, lock_file: Path, accelerator: Accelerator) -> RunLock | None:
     """The main process creates and locks the run directory; every rank raises its error, so a
     refused multi-process launch ends on all ranks instead of hanging at the next barrier."""
-    error, lock = None, None
-    if accelerator.is_main_process:
-        try:
-            make_output_dir(root, "output_dir", "set output_dir to a writable folder (e.g. output_dir=runs/NAME)")
-            lock = RunLock.acquire(lock_file)
-        except UserError as err:
-            error = err
-    if accelerator.num_processes > 1:
-        error = broadcast_object_list([error])[0]
-    if error is not None:
-        raise error
-    return lock
+
+    def claim() -> RunLock:
+        make_output_dir(root, "output_dir", "set output_dir to a writable folder (e.g. output_dir=runs/NAME)")
+        return RunLock.acquire(lock_file)
+
+    return main_process_check(accelerator, claim)

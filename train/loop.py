@@ -11,10 +11,16 @@ exists is skipped, and a phase with checkpoints resumes from the newest complete
 path comes from `RunLayout` (train/layout.py).
 
 What is on disk is verified before it is trusted (ARCHITECTURE.md pitfall 12): the run
-directory is locked for this run (train/lock.py), damaged finals are set aside and rebuilt
-(train/recovery.py), a damaged checkpoint is set aside for the previous one
-(`intact_checkpoint`), damaged exports are written again. Problems the user can fix end the
-run with a one-line `UserError` (train/errors.py); a full disk is one (`disk_full_guard`).
+directory is locked for this run (train/lock.py) and cleared of the staging files of
+interrupted writes, damaged finals are set aside and rebuilt (train/recovery.py), a damaged
+checkpoint is set aside for the previous one (`intact_checkpoint`), damaged exports are
+written again, a stage's missing grid is rendered again. Problems the user can fix end the
+run with a one-line `UserError` (train/errors.py), before any model loads where they can be
+seen then (config, base layout, training shards); a full disk is one (`disk_full_guard`), and
+so is a phase that skipped too many steps as non-finite (no final is published).
+
+SIGTERM, SIGINT and SIGUSR1 stop the run after the current step with a complete checkpoint on
+every rank (train/stop.py): `Stopped`, one line, exit status 75.
 """
 
 from __future__ import annotations
@@ -43,11 +49,11 @@ from train.checkpoint import (
     save_checkpoint,
 )
 from train.config import Config, config_to_dict, config_to_yaml
-from train.data import stream_seed, training_stream
+from train.data import check_training_data, stream_seed, training_stream
 from train.embedded import check_resolution, resolve_base, resolve_train_shards, validation_prompts
-from train.errors import Diverged
+from train.errors import Diverged, Stopped
 from train.export import export_stage
-from train.files import disk_full_guard, write_text_atomic
+from train.files import disk_full_guard, remove_orphans, write_text_atomic
 from train.layout import RunLayout
 from train.lock import claim_run_dir
 from train.manifest import file_problem
@@ -61,8 +67,10 @@ from train.models import (
     save_student,
     torch_dtype,
 )
+from train.ranks import any_rank, main_process_check
 from train.recovery import set_aside_damaged_finals
 from train.steps import StepContext, StepOutcome, Updater, draw_point, train_step
+from train.stop import StopRequest, stop_on_signals
 from train.text import batch_to_latents
 from train.tracking import Tracker
 from train.validation import render, save_grid
@@ -88,31 +96,38 @@ class _Run:
     shards: str
     accelerator: Accelerator
     tracker: Tracker
+    stop: StopRequest
 
 
 def run(cfg: Config) -> RunResult:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    accelerator = Accelerator(
-        mixed_precision=cfg.runtime.mixed_precision,
-        gradient_accumulation_steps=cfg.runtime.gradient_accumulation_steps,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.runtime.nccl_timeout_s))],
-    )
-    layout = RunLayout.for_stages(cfg.output_dir, cfg.stages)
-    lock = claim_run_dir(layout.root, layout.lock_file, accelerator)  # before anything is written
-    try:
-        with disk_full_guard(layout.root):
-            return _run_locked(cfg, layout, accelerator)
-    finally:
-        if lock is not None:
-            lock.release()
+    with stop_on_signals() as stop:
+        accelerator = Accelerator(
+            mixed_precision=cfg.runtime.mixed_precision,
+            gradient_accumulation_steps=cfg.runtime.gradient_accumulation_steps,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.runtime.nccl_timeout_s))],
+        )
+        layout = RunLayout.for_stages(cfg.output_dir, cfg.stages)
+        lock = claim_run_dir(layout.root, layout.lock_file, accelerator)  # before anything is written
+        try:
+            if lock is not None and lock.exclusive:  # no other process writes here
+                remove_orphans(layout.root)
+            with disk_full_guard(layout.root):
+                return _run_locked(cfg, layout, accelerator, stop)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
-def _run_locked(cfg: Config, layout: RunLayout, accelerator: Accelerator) -> RunResult:
+def _run_locked(cfg: Config, layout: RunLayout, accelerator: Accelerator, stop: StopRequest) -> RunResult:
     if accelerator.is_main_process:
         write_text_atomic(layout.config_file, config_to_yaml(cfg))
-    with accelerator.main_process_first():  # build embedded model/shards once, others then load
+    # What the user can fix is found before any model loads: the base's layout, the training
+    # shards, the resolution. Embedded ones are built once while the other ranks wait.
+    with accelerator.main_process_first():
         base_path = resolve_base(cfg.model)
         shards = resolve_train_shards(cfg.model, cfg.data)
+    main_process_check(accelerator, lambda: check_training_data(cfg.data, shards))
     check_resolution(base_path, cfg.data.resolution)
     base = load_base(base_path, cfg.model, accelerator.device, torch_dtype(cfg.data.vae_dtype))
     plans = expand_recipe(cfg.stages, base.prediction_type)
@@ -120,10 +135,11 @@ def _run_locked(cfg: Config, layout: RunLayout, accelerator: Accelerator) -> Run
         set_aside_damaged_finals(layout, plans)
     accelerator.wait_for_everyone()
     tracker = Tracker(layout, cfg.logging, config_to_dict(cfg), accelerator.is_main_process)
-    ctx = _Run(cfg, layout, plans, base, shards, accelerator, tracker)
+    ctx = _Run(cfg, layout, plans, base, shards, accelerator, tracker, stop)
     finals, exports = [], []
     try:
         for plan in plans:
+            _stop_if_requested(ctx, f"before {plan.stage_name}/{plan.name}")
             done = is_complete(layout.phase_final(plan))
             # Every rank looks before any rank can write (the main process writes finals):
             # otherwise a fast main process finishes a merge and a slower rank skips it.
@@ -134,6 +150,8 @@ def _run_locked(cfg: Config, layout: RunLayout, accelerator: Accelerator) -> Run
                 else:
                     _train_phase(ctx, plan)
             if plan.last_in_stage:
+                # a stage's grid and exports can take minutes: a stop request comes first
+                _stop_if_requested(ctx, f"after {plan.stage_name}/{plan.name}, before the stage's exports")
                 final, written = _finish_stage(ctx, plan)
                 finals.append(final)
                 exports.extend(written)
@@ -142,6 +160,13 @@ def _run_locked(cfg: Config, layout: RunLayout, accelerator: Accelerator) -> Run
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(layout.root, finals, exports)
+
+
+def _stop_if_requested(ctx: _Run, where: str) -> None:
+    """Between phases (no step to finish, nothing unsaved): stop if any rank got a signal."""
+    if any_rank(ctx.accelerator, ctx.stop.requested):
+        raise Stopped(f"on {ctx.stop.signal_name or 'a signal to another rank'} {where}; every "
+                      f"finished phase is kept", ctx.layout.root, "run the same command to resume")
 
 
 # ----------------------------------------------------------------------------- one phase
@@ -164,7 +189,8 @@ def _train_phase(ctx: _Run, plan: PhasePlan) -> None:
     torch.manual_seed(stream_seed(ctx.cfg.seed, "phase-init", plan.index))
     models = build_phase_models(ctx.cfg, plan, ctx.plans, ctx.layout, ctx.base, ctx.accelerator)
     counters = _resume(ctx, plan, models)
-    _step_loop(ctx, plan, models, counters)
+    counters = _step_loop(ctx, plan, models, counters)
+    _check_skipped(ctx, plan, counters)
     _publish_phase_final(ctx, plan, models)
 
 
@@ -188,15 +214,19 @@ def _open_stream(ctx: _Run, global_step: int):
                            world_size=acc.num_processes, resume_step=global_step)
 
 
-def _step_loop(ctx: _Run, plan: PhasePlan, models: PhaseModels, counters: Counters) -> None:
+def _step_loop(ctx: _Run, plan: PhasePlan, models: PhaseModels, counters: Counters) -> Counters:
     """Steps from `counters.step` to the end of the phase: LR from the counter, a generator
     seeded by (seed, rank, global step), accumulation, EMA, the non-finite guard, logging,
-    validation grids and checkpoints."""
+    validation grids, checkpoints, and a stop on a signal (a checkpoint of the step just
+    done, then `Stopped`). Returns the counters at the phase's end."""
     cfg, acc = ctx.cfg, ctx.accelerator
     phase_begin = phase_start_step(ctx.plans, plan.index)
-    update = Updater(acc, cfg.optim.max_grad_norm)
-    loader = _open_stream(ctx, phase_begin + counters.step)
+    update = Updater(acc, cfg.optim.max_grad_norm, ctx.stop)
+    stream_start = counters.step if counters.stream_start is None else counters.stream_start
+    loader = _open_stream(ctx, phase_begin + stream_start)
     stream = iter(loader)
+    for _ in range((counters.step - stream_start) * cfg.runtime.gradient_accumulation_steps):
+        next(stream)  # the batches the interrupted run had read since this stream was opened
     bar = tqdm(total=plan.steps, initial=counters.step, desc=f"{plan.stage_name}/{plan.name}",
                disable=not (acc.is_main_process and cfg.logging.progress_bar), dynamic_ncols=True)
     step, in_row, skipped = counters.step, counters.nonfinite_in_row, counters.skipped_total
@@ -229,20 +259,42 @@ def _step_loop(ctx: _Run, plan: PhasePlan, models: PhaseModels, counters: Counte
             elapsed = max(time.time() - tick, 1e-9)
             _log_step(ctx, plan, phase_begin + step, step, lr=models.lr.student * factor,
                       samples_per_s=samples / elapsed, skipped=skipped, ok=ok, outcome=outcome,
-                      data_skips=dict(loader.skip_counts), bar=bar)
+                      data=loader, bar=bar)
             tick, samples = time.time(), 0
         if cfg.validation.every_steps and step % cfg.validation.every_steps == 0 and step < plan.steps:
             if acc.is_main_process:
                 _validate(ctx, plan, acc.unwrap_model(models.student.unet), models.student.prediction_type,
                           phase_begin + step, tag=f"step{step:06d}")
             acc.wait_for_everyone()
-        if step % cfg.checkpoint.every_steps == 0 and step < plan.steps:
-            save_checkpoint(acc, ctx.layout.phase_dir(plan), Counters(plan.index, step, in_row, skipped),
-                            cfg.checkpoint.keep_last,
-                            extra=models.ema.state_dict() if models.ema is not None else None)
+        scheduled = step % cfg.checkpoint.every_steps == 0
+        stopping = update.stop_agreed  # the same on every rank: agreed in the step's reduction
+        if step < plan.steps and (scheduled or stopping):
+            saved = save_checkpoint(
+                acc, ctx.layout.phase_dir(plan),
+                Counters(plan.index, step, in_row, skipped, step if scheduled else stream_start),
+                cfg.checkpoint.keep_last, extra=models.ema.state_dict() if models.ema is not None else None)
+            if stopping:
+                raise Stopped(f"on {ctx.stop.signal_name or 'a signal to another rank'} at "
+                              f"{plan.stage_name}/{plan.name} step {step} of {plan.steps}, after a "
+                              f"complete checkpoint", saved, "run the same command to resume")
             loader = _open_stream(ctx, phase_begin + step)  # see training_stream
-            stream = iter(loader)
+            stream, stream_start = iter(loader), step
     bar.close()
+    return Counters(plan.index, step, in_row, skipped, stream_start)
+
+
+def _check_skipped(ctx: _Run, plan: PhasePlan, counters: Counters) -> None:
+    """A phase whose steps were mostly skipped as non-finite has not trained: publishing its
+    final would hand the next phase (and the exports) an untrained student. Its checkpoints
+    stay."""
+    limit = ctx.cfg.runtime.max_skipped_fraction
+    if counters.skipped_total > limit * plan.steps:
+        raise Diverged(
+            f"{counters.skipped_total} of {plan.steps} steps of {plan.stage_name}/{plan.name} were "
+            f"skipped as non-finite (runtime.max_skipped_fraction={limit:g}); no final was published",
+            ctx.layout.phase_dir(plan),
+            "lower the learning rate (or check the data) and re-run: the phase resumes from its "
+            "last checkpoint (delete that folder to start the phase over)")
 
 
 def _on_nonfinite(ctx: _Run, plan: PhasePlan, step: int, in_row: int) -> None:
@@ -258,12 +310,12 @@ def _on_nonfinite(ctx: _Run, plan: PhasePlan, step: int, in_row: int) -> None:
 
 
 def _log_step(ctx: _Run, plan: PhasePlan, global_step: int, step: int, *, lr: float,
-              samples_per_s: float, skipped: int, ok: bool, outcome: StepOutcome, data_skips: dict,
-              bar) -> None:
+              samples_per_s: float, skipped: int, ok: bool, outcome: StepOutcome, data, bar) -> None:
     metrics = outcome.metrics  # the host synchronisation, paid on logged steps only
     ctx.tracker.log({"global_step": global_step, "stage": plan.stage_name, "phase": plan.name,
                      "step": step, "lr": lr, "samples_per_s": samples_per_s, "skipped_steps": skipped,
-                     "step_ok": ok, **metrics, "data_skips": data_skips})
+                     "step_ok": ok, **metrics, "data_skips": dict(data.skip_counts),
+                     "data_converted": dict(data.converted_counts)})
     bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss")})
 
 
@@ -303,8 +355,9 @@ def _check_ranks_agree(ctx: _Run, unet, plan: PhasePlan, global_step: int) -> No
 
 
 def _validate(ctx: _Run, plan: PhasePlan, unet, prediction_type: str, global_step: int, tag: str) -> Path:
-    """A grid of the fixed prompts × seeds at the student's step count. Main process only;
-    the caller holds the other ranks at a barrier (NCCL timeout raised for this, pitfall 9)."""
+    """A grid of the fixed prompts × seeds at the student's step count, and its metrics row.
+    Main process only; the caller holds the other ranks at a barrier (NCCL timeout raised for
+    this, pitfall 9)."""
     v, base = ctx.cfg.validation, ctx.base
     prompts = validation_prompts(ctx.cfg.model, v)
     with ctx.accelerator.autocast():  # a LoRA student's frozen base may be bf16 (model.frozen_dtype)
@@ -312,13 +365,19 @@ def _validate(ctx: _Run, plan: PhasePlan, unet, prediction_type: str, global_ste
                         text=base.text, prompts=prompts, images_per_prompt=v.images_per_prompt,
                         seed=v.seed, resolution=ctx.cfg.data.resolution)
     path = save_grid(images, ctx.layout.sample_grid(plan, tag), v.images_per_prompt, scale=2)
-    ctx.tracker.log_image(f"samples/{plan.stage_name}", path, global_step,
-                          caption=f"{plan.student_steps}-step student, {plan.stage_name}/{plan.name} {tag}")
+    _log_grid(ctx, plan, path, global_step, tag)
     return path
 
 
+def _log_grid(ctx: _Run, plan: PhasePlan, path: Path, global_step: int, tag: str) -> None:
+    ctx.tracker.log_image(f"samples/{plan.stage_name}", path, global_step,
+                          caption=f"{plan.student_steps}-step student, {plan.stage_name}/{plan.name} {tag}")
+
+
 def _finish_stage(ctx: _Run, plan: PhasePlan) -> tuple[Path, list[Path]]:
-    """Stage final (a complete copy of its last phase's final), a grid, and the exports."""
+    """Stage final (a complete copy of its last phase's final), a grid, and the exports. A
+    rerun makes what an interrupted one left undone: the grid (and its metrics row) when
+    missing, the exports when missing or damaged."""
     layout, acc = ctx.layout, ctx.accelerator
     stage_final = layout.stage_final(plan.stage)
     fresh = not is_complete(stage_final)
@@ -327,9 +386,12 @@ def _finish_stage(ctx: _Run, plan: PhasePlan) -> tuple[Path, list[Path]]:
     if acc.is_main_process:
         if fresh:
             link_or_copy(layout.phase_final(plan), stage_final)
+        grid, global_step = layout.sample_grid(plan, "final"), phase_start_step(ctx.plans, plan.index) + plan.steps
+        if fresh or not grid.is_file():
             unet, prediction_type = load_student(stage_final, ctx.base, fold_lora=True)
-            _validate(ctx, plan, unet, prediction_type,
-                      phase_start_step(ctx.plans, plan.index) + plan.steps, tag="final")
+            _validate(ctx, plan, unet, prediction_type, global_step, tag="final")
+        else:
+            _log_grid(ctx, plan, grid, global_step, "final")  # no-op unless its row is missing
         record = layout.stage_record(plan.stage)
         listed = _recorded_exports(layout.root, record)
         damaged = [problem for p in listed or [] if (problem := file_problem(p))]

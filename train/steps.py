@@ -23,6 +23,7 @@ from distill.phases import PhasePlan
 from distill.schedule import NoiseSchedule, next_timestep, trailing_grid, training_input
 from train.build import PhaseModels
 from train.config import DiscriminatorConfig
+from train.stop import StopRequest
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,15 @@ class Updater:
 
     The finite check is reduced over processes so every rank skips together. It is the step's
     one host synchronisation: whether to call `optimizer.step()` must be known on the host.
+    The same reduction carries this rank's stop request (train/stop.py), so after a step
+    `stop_agreed` says, identically on every rank, whether any rank was asked to stop.
     """
 
-    def __init__(self, accelerator: Accelerator, max_grad_norm: float):
+    def __init__(self, accelerator: Accelerator, max_grad_norm: float, stop: StopRequest | None = None):
         self.accelerator = accelerator
         self.max_grad_norm = max_grad_norm
+        self.stop = stop
+        self.stop_agreed = False  # as of the latest update, on every rank alike
 
     def __call__(self, loss: Tensor, optimizer, params, retain_graph: bool = False) -> tuple[bool, Tensor]:
         acc = self.accelerator
@@ -89,7 +94,11 @@ class Updater:
             finite = finite & torch.isfinite(norm).to(finite.device)
         else:
             norm = torch.zeros(())
-        ok = bool(acc.reduce(finite.float().to(acc.device), reduction="sum") >= acc.num_processes)
+        stop = float(self.stop is not None and self.stop.requested)
+        votes = torch.stack([finite.float().to(acc.device), torch.tensor(stop, device=acc.device)])
+        finite_ranks, stopping_ranks = acc.reduce(votes, reduction="sum").tolist()
+        ok = finite_ranks >= acc.num_processes
+        self.stop_agreed = stopping_ranks > 0
         if ok:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,13 @@ wandb honours WANDB_MODE (offline works with no network, pitfall 8); the run id 
 the run directory (`RunLayout.wandb_id_file`) so a resumed run continues the same wandb run.
 Only the main process writes. wandb is imported only when enabled: it is an optional, heavy
 import (a second of start-up) most runs without `logging.wandb` never need.
+
+Rows are keyed by what they report (`row_key`: the event, stage, phase, global step and image
+name), and a key already in metrics.jsonl is not written again: a run resumed from a
+checkpoint redoes the steps after it and would otherwise log them twice (its rows equal the
+first ones but for the time). The first row stays, and wandb, which drops steps it has seen,
+gets no repeat either. A row torn by a kill stays on its own line (the file is continued on
+a new line) and is written again, whole, by the resumed run.
 """
 
 from __future__ import annotations
@@ -27,12 +34,18 @@ class Tracker:
         self.is_main = is_main
         self.metrics_path = layout.metrics_file
         self.wandb_run = None
+        self.logged: set[tuple] = set()
+        if is_main:
+            self.logged = {row_key(row) for row in read_metrics(layout.root)}
+            _end_torn_line(self.metrics_path)
         if is_main and cfg.wandb:
             self.wandb_run = _init_wandb(layout, cfg.wandb_project, run_config)
 
     def log(self, row: dict) -> None:
-        if not self.is_main:
+        """Append a row unless one with its key is there already (a resumed run's repeat)."""
+        if not self.is_main or row_key(row) in self.logged:
             return
+        self.logged.add(row_key(row))
         row = {"time": round(time.time(), 3), **row}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -42,9 +55,10 @@ class Tracker:
 
     def log_image(self, name: str, path: Path, global_step: int, caption: str = "") -> None:
         """Validation grids go to every tracker: the PNG is already in samples/."""
-        if not self.is_main:
+        row = {"global_step": global_step, "event": "image", "name": name, "path": str(path)}
+        if not self.is_main or row_key(row) in self.logged:
             return
-        self.log({"global_step": global_step, "event": "image", "name": name, "path": str(path)})
+        self.log(row)
         if self.wandb_run is not None:
             import wandb
 
@@ -54,6 +68,27 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def row_key(row: dict) -> tuple:
+    """What a row reports: (event, stage, phase, global step, image name); a step's row has
+    the event "step"."""
+    return (row.get("event", "step"), row.get("stage"), row.get("phase"), row.get("global_step"),
+            row.get("name"))
+
+
+def _end_torn_line(path: Path) -> None:
+    """A kill in the middle of a row leaves the file without its final newline: end that line,
+    so the next row starts on its own instead of continuing the torn one."""
+    try:
+        with path.open("rb+") as f:
+            size = f.seek(0, 2)
+            if size:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+    except FileNotFoundError:
+        pass
 
 
 def _init_wandb(layout: RunLayout, project: str, run_config: dict):

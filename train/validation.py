@@ -13,6 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from distill.sampling import decode_latents, sample
+from train.files import atomic_file
 from train.text import TextEncoders, latent_size
 
 
@@ -54,5 +55,6 @@ def save_grid(images: Tensor, path: str | Path, columns: int, *, gutter: int = 0
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    with atomic_file(path) as tmp:  # a grid that exists is whole: a resumed run trusts it
+        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
     return path

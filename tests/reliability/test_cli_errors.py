@@ -20,6 +20,7 @@ from conftest import subprocess_env
 from faults import empty, garble, garble_header, one_line_error, reference_run, truncate
 from safetensors.torch import load_file, save_file
 
+import train.loop
 from train.__main__ import main as train_main
 from train.digits.builder import ensure_digits_model
 from train.digits.evaluate import main as evaluate_main
@@ -115,6 +116,31 @@ def test_sd15_base_is_named_as_such(sd15_dir, tmp_path, digits_cache, capsys):
     assert line.startswith("error: model.base: SD1.5-style UNet (no text_time embedding); this "
                            "release supports SDXL-style UNets"), line
     assert f"({sd15_dir})" in line
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("addition_embed_type=text", "error: model.base: UNet with addition_embed_type='text'; this release "
+                                 "supports SDXL-style UNets (two text encoders, text_time embedding)"),
+    ("no text_encoder", "error: model.base: no text_encoder/config.json (an SDXL-style folder has unet, vae, "
+                        "text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler)"),
+])
+def test_base_without_text_time_or_a_text_encoder_is_refused_before_loading(
+        damage, expected, digits_dir, tmp_path, digits_cache, capsys, monkeypatch):
+    def no_model_loads(*args, **kwargs):
+        raise AssertionError("a model was loaded before the base layout was checked")
+
+    monkeypatch.setattr(train.loop, "load_base", no_model_loads)
+    base = tmp_path / "base"
+    shutil.copytree(digits_dir, base)
+    if damage.startswith("addition_embed_type"):
+        config = json.loads((base / "unet/config.json").read_text())
+        config["addition_embed_type"] = "text"
+        (base / "unet/config.json").write_text(json.dumps(config))
+    else:
+        shutil.rmtree(base / "text_encoder")
+    status, line = _cli(train_main, _train(tmp_path, digits_cache, f"model.base={base}",
+                                           "validation.prompts=[a]"), capsys)
+    assert status == 2 and line.startswith(expected) and f"({base})" in line, line
 
 
 def test_base_without_a_second_text_encoder_or_missing(digits_dir, tmp_path, digits_cache, capsys):

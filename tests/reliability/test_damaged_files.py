@@ -37,6 +37,7 @@ from train.config import load_config
 from train.layout import RunLayout
 from train.manifest import write_manifest
 from train.recovery import set_aside_damaged_finals
+from train.tracking import read_metrics, row_key
 
 pytestmark = pytest.mark.e2e
 PHASE = "stages/2step/0_adv_conditional"
@@ -112,6 +113,44 @@ def test_recovery_sets_aside_only_what_the_remaining_work_reads(reference, tmp_p
     assert set_aside_damaged_finals(layout, plans) == [run / "stages/8step/final.corrupt",
                                                        run / "stages/8step/0_mse/final.corrupt"]
     assert set_aside_damaged_finals(layout, plans) == []  # the walk has reached a fixed point
+
+    # killed between a stage's last phase final and its stage final: that phase final missing
+    # its weights (student.json intact) is not complete, so it is never copied into the stage
+    run = copy_run(reference.run, tmp_path / "c")
+    layout = RunLayout.for_stages(run, cfg.stages)
+    shutil.rmtree(run / "stages/2step/final")
+    (run / "stages/2step/stage.json").unlink()
+    (run / "stages/2step/2_adv_unconditional/final/unet.safetensors").unlink()
+    assert set_aside_damaged_finals(layout, plans) == [run / "stages/2step/2_adv_unconditional/final.corrupt"]
+
+
+def test_orphans_missing_grid_and_metrics_rows_of_an_interrupted_stage_end(reference, tmp_path):
+    """The finished run rolled back to a kill between the 2-step stage final's rename and its
+    validation grid (no grid, no grid row, no stage.json, so no exports recorded), with the
+    staging files that kills leave behind: the rerun removes those, renders the grid, logs its
+    row once, exports bitwise equal to the reference, and adds no metrics row twice."""
+    run = copy_run(reference.run, tmp_path / "run")
+    grid = next((run / "samples").glob("2step_*_final.png"))
+    grid.unlink()
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    kept = [r for r in rows if str(grid) not in r.replace(str(reference.run), str(run))]
+    assert len(kept) == len(rows) - 1
+    (run / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    (run / "stages/2step/stage.json").unlink()
+    orphans = [run / "export/.tiny_lightning_2step_unet.safetensors.a1b2c3.tmp",
+               run / "stages/2step/0_adv_conditional/checkpoint-3.tmp/model.safetensors",
+               run / "samples/.2step_2_adv_unconditional_final.png.d4e5f6.tmp"]
+    for orphan in orphans:
+        orphan.parent.mkdir(parents=True, exist_ok=True)
+        orphan.write_bytes(b"\0" * 100)
+    result = _rerun(reference, run)
+    assert "removed 3 leftover staging file(s) of interrupted writes" in result.stderr
+    assert not list(run.rglob("*.tmp"))
+    assert grid.is_file()
+    image_rows = [r for r in read_metrics(run) if r.get("event") == "image" and r["path"] == str(grid)]
+    assert len(image_rows) == 1
+    assert [row_key(r) for r in read_metrics(run)] == [row_key(r) for r in read_metrics(reference.run)]
+    assert _aside(run) == []
 
 
 # ----------------------------------------------------------------------------- slow: one case each

@@ -174,6 +174,26 @@ def test_too_many_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(digits_ca
     assert json.loads((kept / "counters.json").read_text())["step"] == 4
 
 
+def test_a_phase_of_only_skipped_steps_publishes_no_final(digits_cache, tmp_path):
+    """Every step of 2step/0_adv_conditional non-finite, fewer in a row than
+    runtime.max_nonfinite_steps: the phase ends with more than runtime.max_skipped_fraction of
+    its steps skipped, so it stops with one line, exit 2 and no final; its checkpoint stays."""
+    config = write_short_config(tmp_path, adversarial_steps=4)
+    out = tmp_path / "skipped"
+    result = _run(_train_cmd(config, out, digits_cache, "checkpoint.every_steps=2",
+                             "runtime.max_nonfinite_steps=10", "runtime.fault_nonfinite_steps=[2,3,4,5]"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    phase = out / "stages/2step/0_adv_conditional"
+    lines = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+    assert lines == [f"error: 4 of 4 steps of 2step/0_adv_conditional were skipped as non-finite "
+                     f"(runtime.max_skipped_fraction=0.5); no final was published ({phase}): lower the "
+                     f"learning rate (or check the data) and re-run: the phase resumes from its last "
+                     f"checkpoint (delete that folder to start the phase over)"]
+    assert not (phase / "final").exists() and not (out / "stages/2step/final").exists()
+    assert json.loads((phase / "checkpoint-2/counters.json").read_text())["skipped_total"] == 2
+    assert (out / "stages/8step/final/unet.safetensors").is_file()  # the finished stage is kept
+
+
 def test_accelerate_two_processes_agree(digits_cache, tmp_path):
     config = _short_config(tmp_path)
     out = tmp_path / "ddp"
