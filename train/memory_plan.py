@@ -106,7 +106,8 @@ def plan_phase(m: ModelMeasure, *, name: str, kind: str, form: str, shared_teach
     if form == "lora":
         trainable = m.lora_params
         weights = m.lora_params * 4
-        frozen += m.unet_params * frozen_b * (2 if own_weights else 1)  # the base (+ W under the adapter)
+        own = own_weights and kind != "merge"  # a merge folds W into a new fp32 UNet instead
+        frozen += m.unet_params * frozen_b * (2 if own else 1)  # the base (+ W under the adapter)
     else:
         trainable = m.unet_params
         weights = m.unet_params * 4 // (split if opts.shard_weights else 1)
