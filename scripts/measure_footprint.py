@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tests.conftest import ROOT
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 CONFIG = ROOT / "configs/sdxl_lightning.yaml"
 
@@ -96,14 +97,14 @@ def export(args) -> dict:
 
 
 def step(args) -> dict:
+    from accelerate import Accelerator
+
     from distill.phases import expand_recipe
     from train.bench import solo_plan
     from train.build import build_phase_models
     from train.layout import RunLayout
     from train.models import load_base, torch_dtype
     from train.steps import StepContext, Updater, draw_point, train_step
-
-    from accelerate import Accelerator
 
     cfg = _config(args, Path("/tmp/measure_footprint_step"))
     acc = Accelerator(cpu=True, mixed_precision="no")
