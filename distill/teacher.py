@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.conditioning import Conditioning
+from distill.precision import compute_dtype
 from distill.schedule import (
     CLEAN,
     PREDICTION_TYPES,
@@ -79,9 +80,10 @@ class Teacher:
     def _model_output(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The raw UNet output, guided if asked: uncond + w·(cond − uncond), as diffusers'
         pipelines apply it to the raw output, with both branches in one batched forward."""
-        # Inputs go in the UNet's own dtype (a bf16 teacher with fp32 latents works); an
+        # Inputs go in the dtype the UNet computes in (a bf16 teacher with fp32 latents works;
+        # one stored in bf16 and computed in fp32 takes fp32, distill/precision.py); an
         # autocast context set by the caller is left in charge of the compute dtype.
-        dtype = getattr(self.unet, "dtype", x_t.dtype)
+        dtype = compute_dtype(self.unet)
         if self.uses_guidance:
             # Unconditional first, like StableDiffusionXLPipeline's batch.
             both = cond.unconditional().cat(cond).to(device=x_t.device, dtype=dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,10 @@ from train.errors import UserError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DTYPES = ("fp16", "bf16", "fp32")
+FROZEN_DTYPES = ("auto", *DTYPES)
+# YAML 1.1 reads these unquoted words as booleans (`mixed_precision: no` is False); for a
+# string field they mean the word itself (`_keep_words`).
+YAML_BOOL_WORDS = ("no", "off", "false", "n", "yes", "on", "true", "y")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction", "sample")
 D_LOSSES = ("nonsaturating", "hinge")
 D_REINIT = ("stage", "phase")
@@ -44,7 +49,10 @@ class ConfigError(UserError, ValueError):
 
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}{did_you_mean(value, allowed)}")
+        hint = did_you_mean(value, allowed)
+        if isinstance(value, bool) or str(value).lower() in YAML_BOOL_WORDS:
+            hint += " (YAML reads unquoted no/off/yes/on as booleans: quote the value, e.g. 'no')"
+        raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}{hint}")
 
 
 def _finite(name: str, value) -> None:
@@ -76,11 +84,11 @@ class ModelConfig:
     base: str = "digits:full"  # diffusers folder of the base model, or digits:full / digits:tiny (built on first use)
     cache_dir: str = ""  # cache for embedded models and shards; "" = $DISTILL_CACHE or ~/.cache/lightning-distill
     prediction_type: str = "auto"  # base UNet output: auto (its scheduler config) | epsilon | v_prediction | sample
-    frozen_dtype: str = "fp32"  # dtype the frozen base UNet and text encoders are held in: fp32 | bf16 | fp16 (not fp32: needs runtime.mixed_precision; halves their memory)
+    frozen_dtype: str = "auto"  # storage dtype of every frozen UNet (base, teacher copies, a LoRA student's weights) and the text encoders: auto (= runtime.mixed_precision's dtype, fp32 with "no") | fp32 | bf16 | fp16; held in bf16/fp16 and computed in fp32 (upcast layer by layer) when mixed_precision is "no"
 
     def __post_init__(self):
         _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        _choice("frozen_dtype", self.frozen_dtype, DTYPES)
+        _choice("frozen_dtype", self.frozen_dtype, FROZEN_DTYPES)
         if not self.base:
             raise ConfigError("base: empty; give a diffusers model folder or digits:full / digits:tiny")
         if self.base.startswith("digits:"):
@@ -115,7 +123,7 @@ class DiscriminatorConfig:
     renoise_switch_step: int = 1000  # step within a phase at which the late weights take over
     d_steps_per_g_step: int = 1  # discriminator updates per student update
     reinit: str = "stage"  # stage: fresh per stage, heads/trainable backbone/Adam state carry across its phases (METHOD.md §4) | phase: fresh every phase
-    gradient_checkpointing: bool = False  # recompute a trainable backbone's activations in backward
+    gradient_checkpointing: bool = False  # recompute the backbone's activations in backward (trainable, or frozen: what the G step keeps to reach the student)
 
     def __post_init__(self):
         _choice("loss", self.loss, D_LOSSES)
@@ -275,9 +283,6 @@ class Config:
             # first validation grid after hours of training.
             raise ConfigError(f"validation.prompts: required unless model.base is an embedded "
                               f"digits model; {self.model.base} brings no prompts of its own")
-        if self.model.frozen_dtype != "fp32" and self.runtime.mixed_precision == "no":
-            raise ConfigError(f"model.frozen_dtype: {self.model.frozen_dtype} frozen weights need "
-                              f"runtime.mixed_precision=bf16|fp16 (autocast); with 'no' use fp32")
         expand_recipe(self.stages)  # cross-stage checks (teacher chaining, skip levels, forms)
 
 
@@ -306,11 +311,17 @@ def _load_config(path: Path, overrides: list[str]) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError("the top level must be a mapping of keys", path)
     _check_keys(Config, raw, "")
+    _keep_words(Config, raw)
+    quoted = []
     for item in overrides:
-        key, sep, _ = item.partition("=")
+        key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        _check_dotted_key(key)
+        is_str = _is_str_field(_check_dotted_key(key))
+        if is_str and value.lower() in YAML_BOOL_WORDS:  # as `_keep_words` reads the YAML file
+            item = f"{key}='{'no' if value.lower() in YAML_BOOL_WORDS[:4] else 'yes'}'"
+        quoted.append(item)
+    overrides = quoted
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
         merged.merge_with_dotlist(list(overrides))
@@ -365,7 +376,29 @@ def _check_keys(cls, data, prefix: str) -> None:
             _check_keys(inner, value, f"{prefix}{key}.")
 
 
-def _check_dotted_key(key: str) -> None:
+def _is_str_field(tp) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+
+
+def _keep_words(cls, data: dict) -> None:
+    """In place: a YAML boolean in a string field becomes the word it was written as, as far as
+    it can be told (`no`/`off`/`false` → "no", `yes`/`on`/`true` → "yes"), so `mixed_precision:
+    no` means "no" as the schema's choices spell it, not False."""
+    for name, tp in _fields(cls).items():
+        value = data.get(name)
+        inner = _dataclass_of(tp)
+        if isinstance(value, bool) and _is_str_field(tp):
+            data[name] = "yes" if value else "no"
+        elif inner is not None and isinstance(value, dict):
+            _keep_words(inner, value)
+        elif inner is not None and isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    _keep_words(inner, item)
+
+
+def _check_dotted_key(key: str):
+    """Raise ConfigError for an unknown dotted key; return the type of the field it names."""
     cls, prefix = Config, ""
     parts = key.split(".")
     i = 0
@@ -378,7 +411,7 @@ def _check_dotted_key(key: str) -> None:
         inner = _dataclass_of(fields[name])
         prefix += name + "."
         if inner is None:
-            return
+            return fields[name]
         if typing.get_origin(fields[name]) is list:
             i += 1  # the list index
             if i < len(parts):

@@ -47,16 +47,15 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-from safetensors.torch import save_file
 from torch import Tensor
 
 from distill.lora import (
     extract_lora,
-    fold_lora,
     kohya_state_dict,
     lora_from_adapter,
     lora_target_modules,
@@ -75,11 +74,18 @@ from train.export_info import (
 )
 from train.files import atomic_file, disk_full_guard, write_text_atomic
 from train.layout import RunLayout
-from train.manifest import describe_nonfinite, nonfinite_names, update_manifest
+from train.manifest import describe_nonfinite, update_manifest
 from train.model_card import write_model_card, write_samples
-from train.models import is_complete, load_student_tensors, torch_dtype
+from train.models import (
+    base_unet_files,
+    folded_weights,
+    is_complete,
+    load_student_tensors,
+    torch_dtype,
+)
 from train.sdxl_layout import lora_file_names
 from train.single_file import single_file_tensors
+from train.tensor_files import LazyTensors, MappedTensors, NonFiniteTensors, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +95,30 @@ EXACT_REL_ERROR = 1e-5  # below this relative error the report calls an SVD LoRA
 # ----------------------------------------------------------------------------- a stage's files
 
 
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    bad = nonfinite_names(tensors)
-    if bad:  # finite fp32 weights beyond ±65504 overflow in fp16
-        raise Diverged(f"export would hold {describe_nonfinite(bad)}", path,
-                       "nothing was written: export in bf16 or fp32 (--dtype bf16) if the fp16 "
-                       "cast overflows, else re-train the stage")
+def _atomic_save(tensors: Mapping[str, Tensor], path: Path, metadata: dict[str, str],
+                 dtype: torch.dtype | None = None) -> None:
+    """Write `tensors` (cast to `dtype`) tensor by tensor (train/tensor_files.py): the peak is
+    one tensor, however large the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     update_manifest(path.parent, drop=[path])
     with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            write_safetensors(tmp, tensors, metadata=metadata, dtype=dtype)
+        except NonFiniteTensors as err:  # finite fp32 weights beyond ±65504 overflow in fp16
+            raise Diverged(f"export would hold {describe_nonfinite(err.names)}", path,
+                           "nothing was written: export in bf16 or fp32 (--dtype bf16) if the fp16 "
+                           "cast overflows, else re-train the stage") from None
     update_manifest(path.parent, add=[path])
 
 
-def _load_base_unet(cfg: Config) -> UNet2DConditionModel:
-    return UNet2DConditionModel.from_pretrained(resolve_base(cfg.model), subfolder="unet",
-                                                torch_dtype=torch.float32)
+def _base_unet_weights(cfg: Config) -> tuple[UNet2DConditionModel, Mapping[str, Tensor]]:
+    """The base UNet's modules on the meta device (names, targets) and its weights in fp32,
+    read one tensor at a time from its files."""
+    base_dir = resolve_base(cfg.model)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(base_dir), subfolder="unet"))
+    weights = MappedTensors(LazyTensors(base_unet_files(base_dir)), lambda _, v: v.float(), torch.float32)
+    return unet, weights
 
 
 def export_stage(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
@@ -134,27 +148,28 @@ def _export_weights(run_dir: Path, cfg: Config, stage: int) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype, prefix = torch_dtype(cfg.export.dtype), f"{cfg.export.name}_{steps}step"
 
+    # Every weights mapping below is lazy: W, W + ΔW and the base are read a tensor at a time.
     adapter = None
     if saved.lora_rank:
         adapter = lora_from_adapter(lora, saved.lora_alpha)
-    folded = fold_lora(weights, adapter) if adapter else {k: v.float() for k, v in weights.items()}
+        folded = folded_weights(weights, lora, saved.lora_alpha)
+    else:
+        folded = MappedTensors(weights, lambda _, v: v.float(), torch.float32)
 
     x0 = saved.prediction_type == "sample"
     unet_path = out_dir / (f"{prefix}_unet_x0.safetensors" if x0 else f"{prefix}_unet.safetensors")
-    _atomic_save({k: v.to(dtype).contiguous() for k, v in folded.items()}, unet_path,
-                 export_metadata(cfg, steps, saved.prediction_type, UNET_FORMAT))
+    _atomic_save(folded, unet_path, export_metadata(cfg, steps, saved.prediction_type, UNET_FORMAT), dtype)
     written = [unet_path]
     if cfg.export.single_file:  # UNet + the base's VAE and text encoders, original SDXL layout
         checkpoint_path = out_dir / (f"{prefix}_x0.safetensors" if x0 else f"{prefix}.safetensors")
         _atomic_save(single_file_tensors(folded, resolve_base(cfg.model), dtype), checkpoint_path,
-                     export_metadata(cfg, steps, saved.prediction_type, CHECKPOINT_FORMAT))
+                     export_metadata(cfg, steps, saved.prediction_type, CHECKPOINT_FORMAT), dtype)
         written.append(checkpoint_path)
     if x0:
         log.info("stage %d predicts x0: no LoRA export (see train/export.py)", stage)
         return written
 
-    base_unet = _load_base_unet(cfg)
-    base = {k: v.detach().float() for k, v in base_unet.state_dict().items()}
+    base_unet, base = _base_unet_weights(cfg)
     if adapter and all(torch.equal(weights[k].float(), base[k]) for k in base):
         layers = adapter  # W is the base: the adapter already is a LoRA of the base
         report = {"source": "adapter", "rank": saved.lora_rank, "alpha": saved.lora_alpha,

@@ -38,9 +38,10 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from distill.phases import PhasePlan, expand_recipe, phase_start_step
-from train.build import PhaseModels, build_phase_models, lr_factor
+from train.build import PhaseModels, build_phase_models, lr_factor, return_freed_memory
 from train.checkpoint import (
     Counters,
+    frozen_reference,
     intact_checkpoint,
     latest_checkpoint,
     load_checkpoint,
@@ -65,6 +66,7 @@ from train.models import (
     load_base,
     load_student,
     save_student,
+    student_start_weights,
     torch_dtype,
 )
 from train.ranks import any_rank, main_process_check
@@ -155,6 +157,7 @@ def _run_locked(cfg: Config, layout: RunLayout, accelerator: Accelerator, stop: 
                 final, written = _finish_stage(ctx, plan)
                 finals.append(final)
                 exports.extend(written)
+            return_freed_memory()
     finally:
         tracker.finish()
     accelerator.wait_for_everyone()
@@ -192,6 +195,8 @@ def _train_phase(ctx: _Run, plan: PhasePlan) -> None:
     counters = _step_loop(ctx, plan, models, counters)
     _check_skipped(ctx, plan, counters)
     _publish_phase_final(ctx, plan, models)
+    del models
+    return_freed_memory()  # before the next phase builds its models
 
 
 def _resume(ctx: _Run, plan: PhasePlan, models: PhaseModels) -> Counters:
@@ -201,7 +206,8 @@ def _resume(ctx: _Run, plan: PhasePlan, models: PhaseModels) -> Counters:
     ckpt = latest_checkpoint(ctx.layout.phase_dir(plan))
     if ckpt is None:
         return Counters(plan.index, 0, 0, 0)
-    counters = load_checkpoint(ctx.accelerator, ckpt)
+    counters = load_checkpoint(ctx.accelerator, ckpt, trainable=models.trainable_parameters(),
+                               frozen=_frozen_reference(ctx, plan))
     if models.ema is not None:
         models.ema.load_state_dict(read_extra_state(ckpt))
     log.info("resumed %s/%s at step %d from %s", plan.stage_name, plan.name, counters.step, ckpt)
@@ -272,7 +278,8 @@ def _step_loop(ctx: _Run, plan: PhasePlan, models: PhaseModels, counters: Counte
             saved = save_checkpoint(
                 acc, ctx.layout.phase_dir(plan),
                 Counters(plan.index, step, in_row, skipped, step if scheduled else stream_start),
-                cfg.checkpoint.keep_last, extra=models.ema.state_dict() if models.ema is not None else None)
+                cfg.checkpoint.keep_last, extra=models.ema.state_dict() if models.ema is not None else None,
+                trainable=models.trainable_parameters(), frozen=_frozen_reference(ctx, plan))
             if stopping:
                 raise Stopped(f"on {ctx.stop.signal_name or 'a signal to another rank'} at "
                               f"{plan.stage_name}/{plan.name} step {step} of {plan.steps}, after a "
@@ -295,6 +302,10 @@ def _check_skipped(ctx: _Run, plan: PhasePlan, counters: Counters) -> None:
             ctx.layout.phase_dir(plan),
             "lower the learning rate (or check the data) and re-run: the phase resumes from its "
             "last checkpoint (delete that folder to start the phase over)")
+
+
+def _frozen_reference(ctx: _Run, plan: PhasePlan) -> dict:
+    return frozen_reference(ctx.base.path, ctx.layout.student_start(plan, ctx.plans))
 
 
 def _on_nonfinite(ctx: _Run, plan: PhasePlan, step: int, in_row: int) -> None:
@@ -331,9 +342,13 @@ def _publish_phase_final(ctx: _Run, plan: PhasePlan, models: PhaseModels) -> Non
         if models.discriminator is not None and ctx.cfg.discriminator.reinit == "stage":
             disc_state = discriminator_state(acc.unwrap_model(models.discriminator), models.optimizer_d,
                                              models.discriminator_carried)
+        # A LoRA phase's W is frozen (maybe stored in half precision): its exact fp32 values
+        # are the start's.
+        weights = student_start_weights(ctx.layout.student_start(plan, ctx.plans), ctx.base) \
+            if plan.form == "lora" else None
         save_student(final_unet, models.student.prediction_type, ctx.layout.phase_final(plan),
                      origin=f"{plan.stage_name}/{plan.name} after {plan.steps} steps",
-                     discriminator=disc_state)
+                     discriminator=disc_state, weights=weights)
     acc.wait_for_everyone()
     if acc.is_main_process:
         remove_checkpoints(ctx.layout.phase_dir(plan))
@@ -388,7 +403,9 @@ def _finish_stage(ctx: _Run, plan: PhasePlan) -> tuple[Path, list[Path]]:
             link_or_copy(layout.phase_final(plan), stage_final)
         grid, global_step = layout.sample_grid(plan, "final"), phase_start_step(ctx.plans, plan.index) + plan.steps
         if fresh or not grid.is_file():
-            unet, prediction_type = load_student(stage_final, ctx.base, fold_lora=True)
+            unet, prediction_type = load_student(stage_final, ctx.base, fold_lora=True,
+                                                 dtype=ctx.base.precision.frozen)
+            ctx.base.precision.hold(unet)
             _validate(ctx, plan, unet, prediction_type, global_step, tag="final")
         else:
             _log_grid(ctx, plan, grid, global_step, "final")  # no-op unless its row is missing

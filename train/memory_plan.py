@@ -60,8 +60,8 @@ class ModelMeasure:
 class PlanOptions:
     """The knobs the plan varies (from the config, or tried by `what_fits`)."""
 
-    mixed_precision: str = "no"  # no | bf16 | fp16: compute dtype of a separate teacher copy
-    frozen_dtype: str = "fp32"  # dtype the frozen base UNet and text encoders are held in
+    mixed_precision: str = "no"  # no | bf16 | fp16: the compute dtype
+    frozen_dtype: str = "fp32"  # storage dtype of every frozen UNet (base, teacher copies, a LoRA student's W) and the text encoders
     vae_dtype: str = "fp32"
     student_checkpointing: bool = False
     discriminator_checkpointing: bool = False
@@ -83,8 +83,9 @@ class PhaseMemory:
     teacher_kind: str  # shared (LoRA adapter off / frozen base) | separate <dtype>
     discriminator_backbone: int  # weights, gradients and states of a trainable backbone (frozen: shared, 0)
     discriminator_heads: int  # heads with gradients and states
-    frozen: int  # text encoders + VAE (+ the frozen base UNet a LoRA student sits on)
+    frozen: int  # text encoders + VAE + the frozen base UNet (+ a LoRA student's own frozen W)
     activations: int
+    checkpoint: int = 0  # bytes of one resumable checkpoint: what trains, with its optimizer states (not in total)
 
     @property
     def total(self) -> int:
@@ -93,16 +94,20 @@ class PhaseMemory:
 
 
 def plan_phase(m: ModelMeasure, *, name: str, kind: str, form: str, shared_teacher: bool,
-               opts: PlanOptions) -> PhaseMemory:
-    """Bytes of one phase (METHOD.md §5 forms; §4 discriminator) under `opts`. Pure arithmetic."""
-    frozen_b, compute_b = DTYPE_BYTES[opts.frozen_dtype], DTYPE_BYTES[opts.mixed_precision]
+               opts: PlanOptions, own_weights: bool = False) -> PhaseMemory:
+    """Bytes of one phase (METHOD.md §5 forms; §4 discriminator) under `opts`. Pure arithmetic.
+
+    own_weights: a LoRA student whose W is not the base's (a later stage, or after a merge)
+    holds its own frozen copy of W, stored like every frozen UNet."""
+    frozen_b = DTYPE_BYTES[opts.frozen_dtype]
     state_b = ADAM_BYTES[opts.optimizer]
     split = max(1, opts.shards)
     frozen = m.text_params * frozen_b + m.vae_params * DTYPE_BYTES[opts.vae_dtype]
     if form == "lora":
         trainable = m.lora_params
         weights = m.lora_params * 4
-        frozen += m.unet_params * frozen_b  # the base weights under the adapter
+        own = own_weights and kind != "merge"  # a merge folds W into a new fp32 UNet instead
+        frozen += m.unet_params * frozen_b * (2 if own else 1)  # the base (+ W under the adapter)
     else:
         trainable = m.unet_params
         weights = m.unet_params * 4 // (split if opts.shard_weights else 1)
@@ -115,14 +120,14 @@ def plan_phase(m: ModelMeasure, *, name: str, kind: str, form: str, shared_teach
     if shared_teacher:
         teacher, teacher_kind = 0, "shared"
     else:
-        teacher, teacher_kind = m.unet_params * compute_b, f"separate {opts.mixed_precision if compute_b == 2 else 'fp32'}"
+        teacher, teacher_kind = m.unet_params * frozen_b, f"separate {opts.frozen_dtype}"
     activations = m.student_activations["lora" if form == "lora" else "full", opts.student_checkpointing]
     backbone = heads = 0
     if kind.startswith("adv"):
         conditional = kind == "adv_conditional"
         h = m.head_params[conditional]
         heads = h * (4 + 4 + state_b)
-        enc = m.encoder_activations[opts.discriminator_checkpointing and opts.backbone_trainable]
+        enc = m.encoder_activations[opts.discriminator_checkpointing]
         if opts.backbone_trainable:
             backbone = m.encoder_params * (4 + (4 + state_b) // split)
             # D step: the backbone learns from [real; fake] (2B) and, conditional, x_t (B).
@@ -131,8 +136,13 @@ def plan_phase(m: ModelMeasure, *, name: str, kind: str, form: str, shared_teach
             d_step = 0  # frozen backbone: nothing saved but the heads' inputs
         g_step = enc  # gradients flow through the backbone to the student's output
         activations += max(d_step, g_step) + 2 * m.head_activations
+    # A checkpoint holds the trainable weights and their optimizer states (train/checkpoint.py):
+    # student, heads, a trainable backbone; never the frozen UNets (referenced by hash).
+    d_trainable = (m.head_params[kind == "adv_conditional"] if kind.startswith("adv") else 0) + (
+        m.encoder_params if kind.startswith("adv") and opts.backbone_trainable else 0)
+    checkpoint = (trainable + d_trainable) * (4 + state_b)
     return PhaseMemory(name, weights, grads, states, teacher, teacher_kind, backbone, heads,
-                       frozen, activations)
+                       frozen, activations, checkpoint)
 
 
 # Options tried, in order, until a phase fits: each is (label, change to the options).
@@ -174,16 +184,18 @@ def what_fits(evaluate: Callable[[PlanOptions], PhaseMemory], opts: PlanOptions,
 def format_table(rows: Iterable[tuple[PhaseMemory, str]], device_bytes: int | None) -> str:
     """One line per phase, sizes in GiB."""
     head = (f"{'phase':<34s} {'weights':>7s} {'grads':>6s} {'optim':>6s} {'teacher':>7s} "
-            f"{'D bb':>5s} {'D heads':>7s} {'frozen':>6s} {'activ':>6s} {'total':>6s}  fits / what fits")
+            f"{'D bb':>5s} {'D heads':>7s} {'frozen':>6s} {'activ':>6s} {'total':>6s} {'ckpt':>6s}  fits / what fits")
     lines = [head]
     for p, verdict in rows:
         cells = [p.student_weights, p.student_grads, p.optimizer_states, p.teacher,
-                 p.discriminator_backbone, p.discriminator_heads, p.frozen, p.activations, p.total]
-        widths = [7, 6, 6, 7, 5, 7, 6, 6, 6]
+                 p.discriminator_backbone, p.discriminator_heads, p.frozen, p.activations, p.total,
+                 p.checkpoint]
+        widths = [7, 6, 6, 7, 5, 7, 6, 6, 6, 6]
         lines.append(f"{p.phase:<34s} " + " ".join(f"{c / GIB:>{w}.2f}" for c, w in zip(cells, widths))
                      + f"  {verdict}")
     lines.append(f"(GiB; teacher: shared = the student's UNet with its adapter off or the frozen base; "
-                 f"device {device_bytes / GIB:.0f} GiB)" if device_bytes else "(GiB)")
+                 f"ckpt = one checkpoint on disk, not in total; device {device_bytes / GIB:.0f} GiB)"
+                 if device_bytes else "(GiB; ckpt = one checkpoint on disk, not in total)")
     return "\n".join(lines)
 
 
@@ -279,6 +291,7 @@ def measure_model(unet_config: dict, text_params: int, vae_params: int, *, laten
 
     from discriminator.model import Discriminator
     from distill.conditioning import Conditioning
+    from distill.precision import store_frozen
 
     mode = FakeTensorMode()
     with mode:
@@ -301,6 +314,13 @@ def measure_model(unet_config: dict, text_params: int, vae_params: int, *, laten
         # Full form: trainable fp32 weights (autocast's low-precision copies count). LoRA form:
         # the frozen base in its dtype, every layer's input kept for the adapters.
         frozen = unet if frozen_dtype == torch.float32 else _unet_in(unet_config, frozen_dtype)
+        if frozen is not unet and autocast_dtype is None:
+            # Stored in half precision, computed in fp32 (distill/precision.py): each layer's
+            # upcast weights are kept for backward like activations, and counted as such.
+            store_frozen(frozen, frozen_dtype, torch.float32)
+            d = Discriminator(frozen, conditional=False, bucket_edges=bucket_edges, multiscale=multiscale,
+                              backbone_trainable=False, head_channels=head_channels, latent_size=s,
+                              share_weights=True)
         student = {}
         for form, model in (("full", unet), ("lora", frozen)):
             model.requires_grad_(True)
@@ -386,13 +406,21 @@ def config_options(cfg) -> PlanOptions:
     """The plan's options as a run config sets them."""
     return PlanOptions(
         mixed_precision=cfg.runtime.mixed_precision,
-        frozen_dtype=getattr(cfg.model, "frozen_dtype", "fp32"),
+        frozen_dtype=_frozen_name(cfg),
         vae_dtype=cfg.data.vae_dtype,
         student_checkpointing=cfg.student.gradient_checkpointing,
         discriminator_checkpointing=cfg.discriminator.gradient_checkpointing,
         backbone_trainable=cfg.discriminator.backbone_trainable,
         optimizer=getattr(cfg.optim, "optimizer", "adamw"),
     )
+
+
+def _frozen_name(cfg) -> str:
+    """model.frozen_dtype with "auto" resolved (the mixed-precision dtype, fp32 for "no")."""
+    name = getattr(cfg.model, "frozen_dtype", "fp32")
+    if name == "auto":
+        return {"no": "fp32"}.get(cfg.runtime.mixed_precision, cfg.runtime.mixed_precision)
+    return name
 
 
 def config_plan(cfg, arch: BaseArchitecture, device_bytes: int | None) -> list[tuple[PhaseMemory, str]]:
@@ -410,13 +438,16 @@ def config_plan(cfg, arch: BaseArchitecture, device_bytes: int | None) -> list[t
         bucket_edges=list(cfg.discriminator.bucket_edges), multiscale=cfg.discriminator.multiscale,
         autocast_dtype=compute, frozen_dtype=frozen)
     rows = []
-    for plan in expand_recipe(cfg.stages):
-        shared = (plan.form == "lora" and plan.teacher.stage == plan.stage - 1) or (
-            plan.teacher.stage == BASE and compute is None)
+    plans = expand_recipe(cfg.stages)
+    for plan in plans:
+        # The base teacher is the base itself; a fresh LoRA's teacher is its own UNet, adapter off.
+        shared = plan.teacher.stage == BASE or (plan.form == "lora" and plan.teacher.stage == plan.stage - 1)
+        # A LoRA student's W is the base's only while nothing before it changed W.
+        own = plan.form == "lora" and not all(p.form == "lora" and p.kind != "merge" for p in plans[:plan.index])
 
-        def evaluate(o: PlanOptions, plan=plan, shared=shared) -> PhaseMemory:
+        def evaluate(o: PlanOptions, plan=plan, shared=shared, own=own) -> PhaseMemory:
             return plan_phase(measure, name=f"{plan.stage_name}/{plan.name} ({plan.form})", kind=plan.kind,
-                              form=plan.form, shared_teacher=shared, opts=o)
+                              form=plan.form, shared_teacher=shared, opts=o, own_weights=own)
 
         if device_bytes is None:
             rows.append((evaluate(opts), ""))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +30,11 @@ from distill.lora import (
     add_lora,
     has_lora,
     load_lora_state_dict,
+    lora_from_adapter,
     lora_settings,
     lora_state_dict,
-    merge_lora,
 )
+from distill.precision import store_frozen
 from distill.schedule import NoiseSchedule
 from train.config import ModelConfig
 from train.errors import DamagedFile, Diverged
@@ -45,6 +46,7 @@ from train.manifest import (
     nonfinite_names,
     safetensors_problem,
 )
+from train.tensor_files import LazyTensors, MappedTensors, NonFiniteTensors, write_safetensors
 from train.text import TextEncoders, load_text_encoders
 
 STUDENT_FILE = "student.json"
@@ -59,47 +61,111 @@ def torch_dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How frozen weights are held and computed: stored in `frozen` (model.frozen_dtype),
+    computed in `compute` (runtime.mixed_precision; fp32 for "no"). Where they differ and
+    compute is fp32, each layer upcasts its weights while it runs (distill/precision.py)."""
+
+    frozen: torch.dtype
+    compute: torch.dtype
+
+    @classmethod
+    def of(cls, model_cfg: ModelConfig, mixed_precision: str = "no") -> Precision:
+        compute = torch_dtype(mixed_precision)
+        frozen = compute if model_cfg.frozen_dtype == "auto" else torch_dtype(model_cfg.frozen_dtype)
+        return cls(frozen, compute)
+
+    @property
+    def layer_compute(self) -> torch.dtype:
+        """The dtype a frozen layer computes in: under autocast (bf16/fp16) the stored dtype and
+        autocast decide; with fp32 compute every layer upcasts to fp32."""
+        return torch.float32 if self.compute == torch.float32 else self.frozen
+
+    def hold(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Hold `model`'s frozen weights in this precision (in place)."""
+        return store_frozen(model, self.frozen, self.layer_compute)
+
+
 @dataclass
 class BaseModel:
     """The frozen parts of the original base model, shared by every phase."""
 
     path: Path
-    unet: UNet2DConditionModel  # frozen, in model.frozen_dtype: teacher of stage 0, discriminator backbone source
+    unet: UNet2DConditionModel  # frozen, stored in precision.frozen: teacher of stage 0, discriminator backbone source
     vae: AutoencoderKL
     text: TextEncoders
     schedule: NoiseSchedule
     prediction_type: str  # of the base UNet's output
     scheduler_config: dict
+    precision: Precision = Precision(torch.float32, torch.float32)
 
 
 def load_base(path: Path, model_cfg: ModelConfig, device: torch.device, vae_dtype: torch.dtype,
-              text: bool = True) -> BaseModel:
+              text: bool = True, mixed_precision: str = "no") -> BaseModel:
+    """The base's frozen UNet and text encoders stored in model.frozen_dtype (loaded straight
+    into it: no fp32 copy on the way), the VAE in `vae_dtype` (data.vae_dtype: the SDXL VAE
+    overflows in fp16)."""
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     prediction_type = model_cfg.prediction_type
     if prediction_type == "auto":
         prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    frozen = torch_dtype(model_cfg.frozen_dtype)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=frozen)
-    unet.requires_grad_(False).eval().to(device)
+    precision = Precision.of(model_cfg, mixed_precision)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=precision.frozen)
+    precision.hold(unet.requires_grad_(False).eval().to(device))
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
     vae.requires_grad_(False).eval().to(device)
-    encoders = load_text_encoders(path, device=device, dtype=frozen) if text else None
+    encoders = load_text_encoders(path, device=device, dtype=precision.frozen) if text else None
+    if encoders is not None:
+        precision.hold(encoders.text_encoder)
+        precision.hold(encoders.text_encoder_2)
     return BaseModel(path, unet, vae, encoders, NoiseSchedule.from_scheduler_config(scheduler_config),
-                     prediction_type, scheduler_config)
+                     prediction_type, scheduler_config, precision)
 
 
 def plain_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """W in plain diffusers keys, whether or not a peft adapter is injected (adapter dropped)."""
-    state = {}
-    for key, value in unet.state_dict().items():
-        if "lora_" in key:
-            continue
-        state[key.replace(".base_layer.", ".")] = value.detach().to("cpu", torch.float32).contiguous()
-    return state
+    """W in plain diffusers keys, whether or not a peft adapter is injected (adapter dropped),
+    as fp32 copies (small models and tests; `save_student` streams instead)."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in plain_weights(unet).items()}
+
+
+def plain_weights(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """W in plain diffusers keys, the module's own tensors (no copy; adapter dropped)."""
+    return {key.replace(".base_layer.", "."): value for key, value in unet.state_dict().items()
+            if "lora_" not in key}
 
 
 def fresh_unet(base: BaseModel) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_config(base.unet.config)
+
+
+def assign_tensors(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> torch.nn.Module:
+    """Fill a model built on the meta device with (state-dict key, tensor) pairs, one at a time
+    (the tensors become the weights: no second copy). Every tensor must be given."""
+    modules = dict(model.named_modules())
+    for key, value in tensors:
+        owner, _, name = key.rpartition(".")
+        module = modules[owner]
+        if name in module._parameters:
+            module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+        elif name in module._buffers:
+            module._buffers[name] = value
+        else:
+            raise KeyError(f"{key}: not a parameter or buffer of {type(model).__name__}")
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{len(left)} tensors were not given, e.g. {left[0]}")
+    return model
+
+
+def unet_copy(unet: UNet2DConditionModel, dtype: torch.dtype) -> UNet2DConditionModel:
+    """A UNet with its own weights: `unet`'s, cast to `dtype`, made tensor by tensor, so the
+    peak is the copy itself beside `unet` (a deep copy then a cast would hold both of the
+    copy's dtypes at once). A full-UNet student from a bf16-stored base is its fp32 copy."""
+    with torch.device("meta"):
+        twin = UNet2DConditionModel.from_config(unet.config)
+    assign_tensors(twin, ((k, v.detach().to(dtype, copy=True)) for k, v in unet.state_dict().items()))
+    return twin.to(unet.device)
 
 
 def shared_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
@@ -124,22 +190,27 @@ class SavedStudent:
 
 
 def save_student(unet: UNet2DConditionModel, prediction_type: str, path: Path, origin: str,
-                 discriminator: Mapping[str, torch.Tensor] | None = None) -> None:
+                 discriminator: Mapping[str, torch.Tensor] | None = None,
+                 weights: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write a student atomically (temp dir + manifest + rename). Main process only.
 
     discriminator: the stage's discriminator state after this phase (`discriminator_state`),
     saved beside the student so the stage's next adversarial phase continues it.
+    weights: where W comes from when not from `unet`'s own tensors: a LoRA student's W is
+    frozen, possibly stored in half precision, so its exact fp32 values come from where it was
+    loaded (`student_start_weights`). W is written tensor by tensor, in fp32.
     Raises `Diverged` instead of writing non-finite weights."""
-    weights = plain_state_dict(unet)
     lora = {k: v.detach().cpu().float().contiguous() for k, v in lora_state_dict(unet).items()} \
         if has_lora(unet) else {}
-    bad = nonfinite_names(weights) + nonfinite_names(lora) + nonfinite_names(dict(discriminator or {}))
+    bad = nonfinite_names(lora) + nonfinite_names(dict(discriminator or {}))
     if bad:
-        raise Diverged(f"the student after {origin} has {describe_nonfinite(bad)}", path,
-                       "nothing was written and the phase's checkpoints are kept: lower the "
-                       "learning rate (or check the data) and re-run")
+        raise _diverged(origin, bad, path)
     with atomic_dir(path) as tmp:
-        save_file(weights, tmp / "unet.safetensors")
+        try:
+            write_safetensors(tmp / "unet.safetensors", weights if weights is not None else plain_weights(unet),
+                              dtype=torch.float32)
+        except NonFiniteTensors as err:
+            raise _diverged(origin, err.names, path) from None
         if discriminator:
             save_file(dict(discriminator), tmp / DISCRIMINATOR_FILE)
         meta = {"prediction_type": prediction_type, "origin": origin, "lora": None}
@@ -149,6 +220,31 @@ def save_student(unet: UNet2DConditionModel, prediction_type: str, path: Path, o
             meta["lora"] = {"rank": settings.rank, "alpha": settings.alpha,
                             "target_modules": list(settings.target_modules)}
         (tmp / STUDENT_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _diverged(origin: str, bad: list[str], path: Path) -> Diverged:
+    return Diverged(f"the student after {origin} has {describe_nonfinite(bad)}", path,
+                    "nothing was written and the phase's checkpoints are kept: lower the "
+                    "learning rate (or check the data) and re-run")
+
+
+def base_unet_files(base_dir: Path) -> list[Path]:
+    """The base UNet's weights files: diffusers' standard name, sharded or not (no variants)."""
+    folder = Path(base_dir) / "unet"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{folder}: no diffusion_pytorch_model.safetensors")
+
+
+def student_start_weights(start: Path | None, base: BaseModel) -> Mapping[str, torch.Tensor]:
+    """W of a phase's start, read lazily in fp32: the start final's own file, or the base's."""
+    if start is not None:
+        return load_student_tensors(start)[1]
+    return MappedTensors(LazyTensors(base_unet_files(base.path)), lambda _, v: v.float(), torch.float32)
 
 
 def read_student(path: Path) -> SavedStudent:
@@ -172,32 +268,50 @@ def student_problems(path: Path) -> list[str]:
     return [p for f in sorted(Path(path).glob("*.safetensors")) if (p := safetensors_problem(f))]
 
 
-def load_student_tensors(path: Path) -> tuple[SavedStudent, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A verified student's metadata, UNet weights and LoRA tensors ({} without an adapter).
+def load_student_tensors(path: Path) -> tuple[SavedStudent, Mapping[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A verified student's metadata, UNet weights (read lazily, one tensor at a time:
+    `train/tensor_files.py`) and LoRA tensors ({} without an adapter).
 
-    Raises `DamagedFile` when it fails its manifest or holds non-finite weights."""
+    Raises `DamagedFile` when it fails its manifest or holds non-finite weights (checked tensor
+    by tensor by `student_problems`)."""
     problems = student_problems(path)
     if problems:
         raise DamagedFile(f"damaged student: {problems[0]}", path, REBUILD_FINAL)
     saved = read_student(path)
-    weights = load_file(path / "unet.safetensors")
     lora = load_file(path / "lora.safetensors") if saved.lora_rank else {}
-    bad = nonfinite_names(weights) + nonfinite_names(lora)
+    bad = nonfinite_names(lora)
     if bad:
         raise DamagedFile(f"student with {describe_nonfinite(bad)}", path, REBUILD_FINAL)
-    return saved, weights, lora
+    return saved, LazyTensors(path / "unet.safetensors"), lora
 
 
-def load_student(path: Path, base: BaseModel, *, fold_lora: bool) -> tuple[UNet2DConditionModel, str]:
-    """A verified saved student as a UNet on the base's device; with fold_lora its adapter is merged."""
+def folded_weights(weights: Mapping[str, torch.Tensor], lora: Mapping[str, torch.Tensor],
+                   alpha: float) -> Mapping[str, torch.Tensor]:
+    """W + ΔW of a saved adapter, fp32, computed per tensor when read (METHOD.md §5 merge)."""
+    layers = {f"{module}.weight": layer for module, layer in lora_from_adapter(lora, alpha).items()}
+
+    def fold(key: str, value: torch.Tensor) -> torch.Tensor:
+        value = value.float()
+        layer = layers.get(key)
+        return value if layer is None else value + layer.delta().reshape(value.shape)
+
+    return MappedTensors(weights, fold, torch.float32)
+
+
+def load_student(path: Path, base: BaseModel, *, fold_lora: bool,
+                 dtype: torch.dtype = torch.float32) -> tuple[UNet2DConditionModel, str]:
+    """A verified saved student as a UNet on the base's device, its W in `dtype` (frozen
+    parameters; the caller decides what trains), read tensor by tensor: the peak is the UNet
+    itself. With fold_lora its adapter is folded into W, else it is attached (trainable)."""
     saved, weights, lora = load_student_tensors(path)
-    unet = fresh_unet(base)
-    unet.load_state_dict(weights)
-    if saved.lora_rank:
+    if saved.lora_rank and fold_lora:
+        weights = folded_weights(weights, lora, saved.lora_alpha)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(base.unet.config)
+    assign_tensors(unet, ((k, weights[k].to(dtype)) for k in weights))
+    if saved.lora_rank and not fold_lora:
         add_lora(unet, saved.lora_rank, saved.lora_alpha)
         load_lora_state_dict(unet, lora)
-        if fold_lora:
-            merge_lora(unet)
     return unet.to(base.unet.device), saved.prediction_type
 
 

@@ -244,15 +244,3 @@ def openclip_to_ldm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             [qkv["q"], qkv["k"], qkv["v"]])
     return out
 
-
-# ----------------------------------------------------------------------------- one checkpoint
-
-
-def sdxl_checkpoint(unet: Mapping[str, Tensor], unet_names: Mapping[str, str],
-                    vae: Mapping[str, Tensor], text_encoder: Mapping[str, Tensor],
-                    text_encoder_2: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    """The tensors of a single-file SDXL checkpoint in the original layout, all in `dtype`."""
-    parts = [(UNET_PREFIX, unet_to_ldm(unet, unet_names)), (VAE_PREFIX, vae_to_ldm(vae)),
-             (CLIP_L_PREFIX, clip_l_to_ldm(text_encoder)),
-             (OPENCLIP_PREFIX, openclip_to_ldm(text_encoder_2))]
-    return {prefix + k: v.to(dtype).contiguous() for prefix, part in parts for k, v in part.items()}

@@ -122,3 +122,82 @@ def test_remove_drops_checkpoints_and_leftovers(trained):
     (phase_dir / "final").mkdir()
     remove_checkpoints(phase_dir)
     assert sorted(p.name for p in phase_dir.iterdir()) == ["final"]
+
+
+# ----------------------------------------------------------------------------- what a checkpoint holds
+
+
+def _lora_student(base, seed: int):
+    """A LoRA student sharing `base`'s weights, prepared with its optimizer (as build.py does)."""
+    from distill.lora import add_lora
+    from distill.student import trainable_parameters
+    from train.models import shared_unet
+
+    torch.manual_seed(seed)
+    student = shared_unet(base)
+    add_lora(student, 4, 4.0)
+    params = trainable_parameters(student)
+    accelerator = Accelerator(cpu=True)
+    student, optimizer = accelerator.prepare(student, torch.optim.AdamW(params, lr=1e-2))
+    return accelerator, student, optimizer, params
+
+
+def _lora_step(student, optimizer, seed: int):
+    from distill.testing import random_conditioning
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    cond = random_conditioning(2)
+    student(x, torch.tensor([999, 499]), **cond.unet_kwargs()).sample.square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_lora_checkpoint_holds_only_the_adapter_and_resumes_bitwise(tmp_path):
+    from safetensors.torch import load_file
+
+    from distill.testing import tiny_unet
+    from train.models import plain_weights
+
+    torch.manual_seed(0)
+    base = tiny_unet().requires_grad_(False)
+    phase_dir = tmp_path / "stages/8step/0_adv_conditional"
+    accelerator, student, optimizer, params = _lora_student(base, seed=1)
+    _lora_step(student, optimizer, seed=0)
+    path = save_checkpoint(accelerator, phase_dir, Counters(0, 1, 0, 0), keep_last=2, trainable=params)
+    held = load_file(path / "model.safetensors")
+    assert held and all("lora_" in key for key in held), [k for k in held if "lora_" not in k][:3]
+    assert len(held) == len(params)
+    base_bytes = sum(v.numel() * v.element_size() for v in plain_weights(student).values())
+    assert (path / "model.safetensors").stat().st_size < base_bytes
+    _lora_step(student, optimizer, seed=1)
+    expected = [p.detach().clone() for p in params]
+
+    # A fresh build (another LoRA initialisation) resumed from the checkpoint continues exactly.
+    accelerator, student, optimizer, params = _lora_student(base, seed=2)
+    assert load_checkpoint(accelerator, path, trainable=params).step == 1
+    _lora_step(student, optimizer, seed=1)
+    for got, want in zip(params, expected):
+        assert torch.equal(got, want)
+
+
+def test_checkpoint_refuses_a_base_whose_weights_changed(tmp_path):
+    from safetensors.torch import save_file
+
+    from train.checkpoint import frozen_reference
+    from train.errors import UserError
+
+    base_dir = tmp_path / "base"
+    (base_dir / "unet").mkdir(parents=True)
+    save_file({"w": torch.ones(3)}, str(base_dir / "unet/diffusion_pytorch_model.safetensors"))
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    params = list(model.parameters())
+    path = save_checkpoint(accelerator, tmp_path / "phase", Counters(0, 1, 0, 0), keep_last=1,
+                           trainable=params, frozen=frozen_reference(base_dir, None))
+    assert load_checkpoint(accelerator, path, trainable=params, frozen=frozen_reference(base_dir, None)).step == 1
+    save_file({"w": torch.zeros(3)}, str(base_dir / "unet/diffusion_pytorch_model.safetensors"))
+    with pytest.raises(UserError, match="frozen weights"):
+        load_checkpoint(accelerator, path, trainable=params, frozen=frozen_reference(base_dir, None))

@@ -31,14 +31,31 @@ def test_shared_unet_shares_every_weight_and_training_its_lora_leaves_the_base_a
         assert torch.equal(v, before[k]), k
 
 
-def test_frozen_dtype_needs_mixed_precision():
+def test_frozen_dtype_auto_follows_mixed_precision_and_half_storage_works_without_it():
+    from train.models import Precision
+
     tiny = ROOT / "configs/tiny.yaml"
     with pytest.raises(ConfigError, match="frozen_dtype"):
-        load_config(tiny, ["model.frozen_dtype=bf16"])
-    with pytest.raises(ConfigError, match="frozen_dtype"):
         ModelConfig(frozen_dtype="int8")
-    cfg = load_config(tiny, ["model.frozen_dtype=bf16", "runtime.mixed_precision=bf16"])
-    assert cfg.model.frozen_dtype == "bf16"
+    cfg = load_config(tiny, ["model.frozen_dtype=bf16"])  # fp32 compute, bf16 storage
+    assert Precision.of(cfg.model, cfg.runtime.mixed_precision) == Precision(torch.bfloat16, torch.float32)
+    assert Precision.of(cfg.model, "no").layer_compute == torch.float32
+    auto = load_config(tiny, ["runtime.mixed_precision=bf16"])
+    assert auto.model.frozen_dtype == "auto"
+    assert Precision.of(auto.model, "bf16") == Precision(torch.bfloat16, torch.bfloat16)
+    assert Precision.of(auto.model, "no") == Precision(torch.float32, torch.float32)
+
+
+def test_yaml_booleans_are_read_as_the_words_for_string_choices(tmp_path):
+    """`no` / `off` unquoted are YAML booleans; for a string choice they mean the word."""
+    tiny = ROOT / "configs/tiny.yaml"
+    assert load_config(tiny, ["runtime.mixed_precision=no"]).runtime.mixed_precision == "no"
+    assert load_config(tiny, ["runtime.mixed_precision=off"]).runtime.mixed_precision == "no"
+    text = tiny.read_text() + "\nruntime:\n  mixed_precision: off\n"
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_config(tmp_path / "c.yaml").runtime.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="quote the value"):
+        load_config(tiny, ["data.vae_dtype=no"])
 
 
 def test_load_base_holds_frozen_weights_in_bf16_and_embeddings_stay_fp32(tmp_path):

@@ -88,7 +88,7 @@ def test_from_single_file_restores_every_component(sdxl_like, tmp_path):
     assert tensors[f"{OPENCLIP_PREFIX}text_projection"].shape == (48, 16)  # (width, dim): x @ P
     assert tensors[f"{VAE_PREFIX}encoder.mid.attn_1.q.weight"].ndim == 4  # 1×1 conv, as in ldm
     path = tmp_path / "model.safetensors"
-    save_file(tensors, str(path))
+    save_file(dict(tensors), str(path))
     loaded = StableDiffusionXLPipeline.from_single_file(str(path), config=str(sdxl_like), local_files_only=True)
     expected, got = _components(base), _components(loaded)
     for name, state in expected.items():
