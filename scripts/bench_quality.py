@@ -221,6 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     p.add_argument("--runs-root", default=str(ROOT / "runs/bench"))
     p.add_argument("--per-digit", type=int, default=100)
+    p.add_argument("--teacher-steps", type=int, nargs="+", default=list(TEACHER_STEPS),
+                   help="the teacher's rows (32, the reference, is always included)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "docs"))
     add_debug_flag(p)
@@ -237,7 +239,7 @@ def main(argv=None) -> int:
     rows: list[Row] = []
     grid_images: dict = {}
     teacher = load_pipeline(base_dir)
-    for steps in TEACHER_STEPS:
+    for steps in sorted({32, *args.teacher_steps}, reverse=True):
         rows.append(evaluate_row("teacher", teacher, steps, guidance, args.per_digit, classifier, real,
                                  grid_images, args.seed))
     del teacher
