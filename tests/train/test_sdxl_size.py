@@ -7,6 +7,7 @@ test runs on CPUs without native bf16). Full-UNet phases need 38 GiB of weights,
 AdamW moments alone and are not run at the real size (docs/PERFORMANCE.md).
 """
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_tar
 from train.bench import solo_plan
 from train.build import build_phase_models
 from train.config import load_config
@@ -151,7 +152,7 @@ def test_shipped_preset_runs_its_lora_phases_in_24_gb(size, tmp_path, tmp_path_f
     resolution, stages = (256, 2) if size == "sdxl" else (64, 5)
     cfg = _shipped_preset(base_dir, tmp_path / "run", _shards(tmp_path), resolution, stages)
     if size == "sdxl":
-        cfg = dataclasses_replace_export(cfg, single_file=False)
+        cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, single_file=False))
     result = run(cfg)
     assert len(result.stage_finals) == stages
     names = {p.name for p in result.exports}
@@ -163,27 +164,16 @@ def test_shipped_preset_runs_its_lora_phases_in_24_gb(size, tmp_path, tmp_path_f
         assert peak < 24 * GIB, f"peak RSS {peak / GIB:.1f} GiB"
 
 
-def dataclasses_replace_export(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, **changes))
-
-
 def _shards(tmp_path: Path) -> str:
     """One tiny img2dataset-layout shard of random images with captions."""
     import io
-    import tarfile
 
     from PIL import Image
 
-    path = tmp_path / "shard-000000.tar"
-    with tarfile.open(path, "w") as tar:
-        for i in range(8):
-            img = Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy())
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            for name, data in ((f"{i:06d}.png", buf.getvalue()), (f"{i:06d}.txt", b"a photo of a cat")):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
+    members = {}
+    for i in range(8):
+        img = Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy())
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        members[f"{i:06d}.png"], members[f"{i:06d}.txt"] = buf.getvalue(), b"a photo of a cat"
+    return str(write_tar(tmp_path / "shard-000000.tar", members))
