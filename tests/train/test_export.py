@@ -343,7 +343,7 @@ def test_diffusers_maps_every_sdxl_target_back_to_its_module(sdxl_meta):
 # ----------------------------------------------------------------------------- SVD math
 
 
-@pytest.mark.parametrize("shape", [(24, 40), (16, 8, 3, 3)])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (16, 8, 3, 3)])
 def test_svd_lora_error_is_the_discarded_spectrum(shape):
     g = torch.Generator().manual_seed(0)
     out_features, in_features = shape[0], int(torch.tensor(shape[1:]).prod())
@@ -359,6 +359,21 @@ def test_svd_lora_error_is_the_discarded_spectrum(shape):
         assert result.layer.delta().shape == delta.shape
         if rank == 8:
             torch.testing.assert_close(result.layer.delta(), delta, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
+def test_svd_lora_factors_are_the_truncated_svd_of_a_full_rank_delta(shape):
+    # the CPU path goes through the smaller Gram matrix's eigenvectors: the same rank-r
+    # product and factor norms as LAPACK's SVD, on a delta with no exact low-rank structure
+    delta = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    rank = 6
+    layer = svd_lora(delta.float(), rank).layer
+    torch.testing.assert_close(layer.delta().double(), (u[:, :rank] * s[:rank]) @ vh[:rank],
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.down.double() @ layer.down.double().T, torch.eye(rank, dtype=torch.float64),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.up.double().norm(dim=0), s[:rank], rtol=1e-5, atol=0)
 
 
 def test_lora_from_adapter_keeps_peft_shapes():
