@@ -23,6 +23,12 @@ per image as a ratio to teacher-32 measured in this run. Also writes side-by-sid
 The mode-coverage table (METHOD.md §7; teacher, ours, MSE-only, direct-adversarial at 4/2/1):
     python scripts/bench_quality.py --variants ours mse direct-4 direct-2 direct-1 --out docs/coverage
 
+Seeds (issue #13): the same variants at several recipe seeds (the seed changes data order,
+noise and initialisation; the evaluation's prompts and noise stay fixed), mean ± sd per row and
+the targets checked on the mean and on every seed:
+    python scripts/bench_quality.py --variants ours mse --train-seeds 0 1 2 --out docs/seeds
+    (train the seeds in parallel first with --train-only, one process per seed)
+
 Time on 2 CPU cores: about 30 minutes per training variant (three variants) plus ~10 minutes
 of evaluation; with everything trained, evaluation alone.
 """
@@ -33,6 +39,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -116,6 +123,7 @@ class Row:
     diversity: float  # within-prompt feature distance; the table shows it / teacher-32's
     seconds_per_image: float
     images: int
+    train_seed: int | None = None  # the recipe's seed (config `seed`); None for the teacher
 
 
 def evaluate_row(name: str, pipe, steps: int, guidance: float, per_digit: int, classifier, real,
@@ -142,6 +150,58 @@ def export_file(run: Path, prefix: str, steps: int, kind: str) -> Path:
         return run / "export" / f"{prefix}_{steps}step_lora.safetensors"
     x0 = run / "export" / f"{prefix}_{steps}step_unet_x0.safetensors"
     return x0 if x0.is_file() else run / "export" / f"{prefix}_{steps}step_unet.safetensors"
+
+
+_AVERAGED = ("fd", "accuracy", "precision", "recall", "diversity", "seconds_per_image")
+
+
+def mean_rows(rows: list[Row]) -> list[Row]:
+    """One row per (model, steps): the mean over training seeds (the teacher's rows as they are)."""
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.name, r.steps), []).append(r)
+    return [Row(name, steps, *(statistics.fmean(getattr(r, f) for r in group) for f in _AVERAGED),
+                images=group[0].images)
+            for (name, steps), group in groups.items()]
+
+
+def _mean_sd(values: list[float], fmt: str) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{format(statistics.fmean(values), fmt)} ± {format(sd, fmt)}"
+
+
+def seeds_table(rows: list[Row], seeds: list[int]) -> str:
+    """Mean ± sample standard deviation over the training seeds, and each seed's FD."""
+    ref = next(r for r in rows if r.name == "teacher" and r.steps == 32)
+    lines = ["| model | steps | digits-FD ↓ (mean ± sd) | " + " | ".join(f"FD seed {s}" for s in seeds)
+             + " | prompt acc ↑ | precision ↑ | recall ↑ | diversity / teacher-32 | FD / teacher-32 |",
+             "|---|---:|---:|" + "---:|" * len(seeds) + "---:|---:|---:|---:|---:|"]
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.name, r.steps), []).append(r)
+    for (name, steps), group in groups.items():
+        by_seed = {r.train_seed: r for r in group}
+        per_seed = [f"{by_seed[s].fd:.1f}" if s in by_seed else ("–" if name != "teacher" else "")
+                    for s in seeds]
+        fds = [r.fd for r in group]
+        lines.append(
+            f"| {name} | {steps} | {_mean_sd(fds, '.1f')} | " + " | ".join(per_seed) + " | "
+            f"{_mean_sd([100 * r.accuracy for r in group], '.1f')}% | "
+            f"{_mean_sd([r.precision for r in group], '.3f')} | {_mean_sd([r.recall for r in group], '.3f')} | "
+            f"{statistics.fmean(r.diversity for r in group) / ref.diversity:.2f} | "
+            f"{statistics.fmean(fds) / ref.fd:.2f} |")
+    return "\n".join(lines)
+
+
+def seed_targets(rows: list[Row], seeds: list[int]) -> list[str]:
+    """The targets on the mean rows and on every seed's rows (the teacher's rows shared)."""
+    teacher = [r for r in rows if r.name == "teacher"]
+    columns = [("mean", targets(mean_rows(rows)))]
+    columns += [(f"seed {s}", targets(teacher + [r for r in rows if r.train_seed == s])) for s in seeds]
+    lines = ["| target | " + " | ".join(c for c, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    for i, (name, _) in enumerate(columns[0][1]):
+        lines.append(f"| {name} | " + " | ".join("yes" if checks[i][1] else "NO" for _, checks in columns) + " |")
+    return lines
 
 
 def table(rows: list[Row]) -> str:
@@ -223,13 +283,22 @@ def main(argv=None) -> int:
     p.add_argument("--per-digit", type=int, default=100)
     p.add_argument("--teacher-steps", type=int, nargs="+", default=list(TEACHER_STEPS),
                    help="the teacher's rows (32, the reference, is always included)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the evaluation's seed (prompts' noise)")
+    p.add_argument("--train-seeds", type=int, nargs="+", default=None,
+                   help="train and evaluate every variant at these recipe seeds (config `seed`); "
+                        "the report gives mean ± sd and checks the targets on the mean and on each seed")
+    p.add_argument("--train-only", action="store_true",
+                   help="train what is missing and stop (e.g. several seeds in parallel processes)")
     p.add_argument("--out", default=str(ROOT / "docs"))
     add_debug_flag(p)
     args = p.parse_args(argv)
 
     base_cfg = load_config(args.config, args.override)
-    runs = {name: train_variant(name, VARIANTS[name](base_cfg), Path(args.runs_root)) for name in args.variants}
+    seeds = args.train_seeds or [base_cfg.seed]
+    runs = {(name, seed): train_variant(name, VARIANTS[name](replace(base_cfg, seed=seed)), Path(args.runs_root))
+            for seed in seeds for name in args.variants}
+    if args.train_only:
+        return 0
     base_dir = resolve_base(base_cfg.model)
     guidance = float(read_model_info(base_dir).get("guidance_scale", base_cfg.stages[0].guidance_scale))
     classifier = ensure_digits_classifier(cache_root(base_cfg.model))
@@ -244,8 +313,9 @@ def main(argv=None) -> int:
                                  grid_images, args.seed))
     del teacher
     prefix = base_cfg.export.name
-    for name, run in runs.items():
+    for (name, seed), run in runs.items():
         kind = "lora" if name == "lora" else "unet"
+        shown = grid_images if seed == seeds[0] else {}  # the grid shows the first seed's students
         stage_steps = [stage.student_steps for stage in VARIANTS[name](base_cfg).stages]
         for steps in (s for s in STUDENT_STEPS if s in stage_steps):
             path = export_file(run, prefix, steps, kind)
@@ -253,22 +323,32 @@ def main(argv=None) -> int:
                 print(f"[bench] {name}: no export {path.name}; row skipped", flush=True)
                 continue
             pipe, info = load_pipeline(base_dir, path), read_export_info(path)
-            rows.append(evaluate_row(row_name(name), pipe, info.num_inference_steps, 0.0, args.per_digit,
-                                     classifier, real, grid_images, args.seed))
+            row = evaluate_row(row_name(name), pipe, info.num_inference_steps, 0.0, args.per_digit,
+                               classifier, real, shown, args.seed)
+            rows.append(replace(row, train_seed=seed))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     columns = [c for c in [("teacher", 32), ("teacher", 4), ("mse", 4), ("mse", 1), ("ours", 4), ("ours", 1),
                            ("direct", 4), ("direct", 1)] if c in grid_images]
     side_by_side(grid_images, columns, out / "bench_side_by_side.png")
-    report = [f"# Digits quality benchmark ({args.per_digit * 10} images per row)\n", table(rows), ""]
-    if all(any(r.name == n for r in rows) for n in ("ours", "mse")):
-        report += ["| target | met |", "|---|---|"]
-        report += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in targets(rows)]
-    if coverage_claim(rows):
+    report = [f"# Digits quality benchmark ({args.per_digit * 10} images per row)\n"]
+    has_targets = all(any(r.name == n for r in rows) for n in ("ours", "mse"))
+    if len(seeds) > 1:
+        report += [f"Training seeds {', '.join(map(str, seeds))}; the evaluation's seed {args.seed} in "
+                   "every row. sd = sample standard deviation over the seeds.\n", seeds_table(rows, seeds), ""]
+        report += seed_targets(rows, seeds) if has_targets else []
+        rows_for_claims = mean_rows(rows)
+    else:
+        report += [table(rows), ""]
+        if has_targets:
+            report += ["| target | met |", "|---|---|"]
+            report += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in targets(rows)]
+        rows_for_claims = rows
+    if coverage_claim(rows_for_claims):
         report += ["", "| mode-coverage expectation (METHOD.md §7) | held |", "|---|---|"]
-        report += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in coverage_claim(rows)]
-    report += ["", "Runs: " + ", ".join(f"{k}: `{v}`" for k, v in runs.items())]
+        report += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in coverage_claim(rows_for_claims)]
+    report += ["", "Runs: " + ", ".join(f"{name} (seed {seed}): `{run}`" for (name, seed), run in runs.items())]
     (out / "bench_results.md").write_text("\n".join(report) + "\n")
     (out / "bench_results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))
     print("\n".join(report))

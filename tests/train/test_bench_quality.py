@@ -39,6 +39,30 @@ def test_table_shows_diversity_relative_to_teacher_32_and_the_coverage_claim():
     assert bench.row_name("direct-4") == "direct" and bench.row_name("ours") == "ours"
 
 
+def test_seed_report_gives_mean_sd_and_checks_targets_on_the_mean_and_every_seed():
+    bench = _bench()
+    Row = bench.Row
+    teacher = [Row("teacher", n, fd, 0.98, 0.8, 0.9, 40.0, 0.02, 100)
+               for n, fd in ((32, 100.0), (8, 120.0), (4, 140.0), (2, 300.0), (1, 700.0))]
+    students = []
+    for seed, ours4 in ((0, 110.0), (1, 130.0)):  # seed 1 misses "ours-4 <= 1.2 x teacher-32"
+        for n in (8, 4, 2, 1):
+            students.append(Row("ours", n, ours4 if n == 4 else 100.0, 0.97, 0.8, 0.9, 38.0, 0.01, 100, seed))
+            students.append(Row("mse", n, 200.0, 0.97, 0.8, 0.9, 38.0, 0.01, 100, seed))
+    rows = teacher + students
+    mean = {(r.name, r.steps): r for r in bench.mean_rows(rows)}
+    assert mean[("ours", 4)].fd == pytest.approx(120.0) and mean[("teacher", 32)].fd == 100.0
+    lines = bench.seeds_table(rows, [0, 1]).splitlines()
+    assert lines[0].startswith("| model | steps | digits-FD ↓ (mean ± sd) | FD seed 0 | FD seed 1 |")
+    ours4 = next(line for line in lines if line.startswith("| ours | 4 |"))
+    # sample sd of (110, 130) = 14.1; FD / teacher-32 of the mean = 1.20
+    assert ours4.startswith("| ours | 4 | 120.0 ± 14.1 | 110.0 | 130.0 | 97.0 ± 0.0% |")
+    assert ours4.endswith("| 0.95 | 1.20 |")
+    targets = {line.split(" | ")[0][2:]: line for line in bench.seed_targets(rows, [0, 1])[2:]}
+    assert targets["ours-4 FD <= 1.2 x teacher-32 FD"].endswith("| yes | yes | NO |")
+    assert targets["ours-1 beats MSE-1 by >= 25% on FD"].endswith("| yes | yes | yes |")
+
+
 @pytest.mark.e2e
 def test_direct_adversarial_variant_trains_and_gets_coverage_rows(digits_cache, tmp_path):
     """direct-4 only (the 1-step variant's recipe, x0 conversion first, is checked in
