@@ -19,6 +19,11 @@ A sweep file (paths relative to the working directory, as for `python -m train`)
       optim.lr_adv_full: [1.0e-5, 2.0e-5]
     runs:                                # extra runs, added to the grid's (not multiplied)
       - {name: single_head, discriminator.bucket_edges: []}
+    seeds: [0, 1]                        # optional: every run above once per recipe seed
+
+With `seeds`, each run is repeated per seed (config `seed`: data order, noise, initialisation),
+named `<run>_seed-<s>`; results.md then adds, per run and stage, the mean ± sd over the seeds of
+the evaluation's columns, and the plot draws the mean with the sd as error bars.
 
 Run names are built from the keys that vary between runs (their shortest unambiguous dotted
 suffix) and their values, e.g. `backbone_trainable-true_lr_adv_full-2e-05`. Every run's config
@@ -40,6 +45,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -56,7 +62,7 @@ from train.errors import UserError, add_debug_flag, run_cli
 from train.files import write_text_atomic
 from train.tracking import read_metrics
 
-SWEEP_KEYS = ("base", "root", "overrides", "grid", "runs")
+SWEEP_KEYS = ("base", "root", "overrides", "grid", "runs", "seeds")
 METRICS = ("loss_mse", "loss_x0", "loss_d", "loss_g", "d_acc_real", "d_acc_fake")
 MAX_NAME_CHARS = 100  # longer generated names are cut and suffixed with a hash of the overrides
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -78,6 +84,7 @@ class SweepRun:
     args: tuple[str, ...]  # every `key=value` handed to `python -m train`, output_dir last
     output_dir: Path
     config: Config  # the validated config the run will train with
+    group: str = ""  # the run's name without its seed suffix (== name in a sweep without seeds)
 
     @property
     def stage_names(self) -> list[str]:
@@ -97,6 +104,7 @@ class Sweep:
     root: Path
     runs: list[SweepRun]
     varying: list[str]  # dotted keys whose value differs between runs: the table's columns
+    seeds: tuple[int, ...] = ()  # the `seeds` key: every run repeated per recipe seed
 
 
 # ----------------------------------------------------------------------------- values and names
@@ -183,6 +191,18 @@ def _points(raw: dict) -> list[tuple[str | None, dict[str, Any]]]:
     return points or [(None, {})]
 
 
+def _seeds(raw: dict, points: list[tuple[str | None, dict]]) -> tuple[int, ...]:
+    seeds = raw.get("seeds")
+    if seeds is None:
+        return ()
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) < len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise SweepError(f"seeds: expected a non-empty list of distinct integers >= 0, got {seeds!r}")
+    if any("seed" in overrides for _, overrides in points) or "seed" in _flatten(raw.get("overrides") or {}, "overrides"):
+        raise SweepError("seed: set by the sweep's `seeds` list; remove it from overrides, grid and runs")
+    return tuple(seeds)
+
+
 def _varying_keys(points: list[tuple[str | None, dict]]) -> list[str]:
     """Keys whose value is not the same in every run (absent = the base's value)."""
     keys = list(dict.fromkeys(k for _, o in points for k in o))
@@ -249,10 +269,17 @@ def _load_sweep(path: Path) -> Sweep:
         raise SweepError(f"base: config file not found: {raw['base']} (relative to {Path.cwd()})")
     common = _flatten(raw.get("overrides") or {}, "overrides")
     points = _points(raw)
+    seeds = _seeds(raw, points)
     names = run_names(points)
+    if seeds:  # each run once per seed; the seed is the last override and the name's suffix
+        groups = [group for group in names for _ in seeds]
+        names = [f"{group}_seed-{seed}" for group in names for seed in seeds]
+        points = [(name, {**overrides, "seed": seed}) for name, overrides in points for seed in seeds]
+    else:
+        groups = names
     root = Path(raw["root"])
     runs = []
-    for name, (_, overrides) in zip(names, points):
+    for name, group, (_, overrides) in zip(names, groups, points):
         output_dir = root / name
         args = tuple(f"{k}={format_value(v)}" for k, v in {**common, **overrides}.items())
         args += (f"output_dir={output_dir}",)
@@ -260,8 +287,8 @@ def _load_sweep(path: Path) -> Sweep:
             cfg = load_config(raw["base"], args)
         except ConfigError as err:
             raise SweepError(f"run {name!r}: {err.what}", err.where, err.todo) from None
-        runs.append(SweepRun(name, overrides, args, output_dir, cfg))
-    return Sweep(raw["base"], root, runs, _varying_keys(points))
+        runs.append(SweepRun(name, overrides, args, output_dir, cfg, group))
+    return Sweep(raw["base"], root, runs, _varying_keys(points), seeds)
 
 
 def config_value(cfg: Config, dotted: str) -> Any:
@@ -438,29 +465,60 @@ def _cell(value: Any) -> str:
 PLOT_FILE = "fd_vs_steps.png"
 
 
+def _group_of(sweep: Sweep) -> dict[str, str]:
+    return {run.name: run.group or run.name for run in sweep.runs}
+
+
+def seed_summary(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run group (a run over its seeds) and stage: n seeds evaluated, and the mean and sample
+    sd of each evaluation column. [] for a sweep without seeds or rows without evaluations."""
+    group_of = _group_of(sweep)
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if sweep.seeds and row.get("digits_fd") is not None:
+            cells.setdefault((group_of.get(row["run"], row["run"]), row["stage"]), []).append(row)
+    summary = []
+    for (group, stage), members in cells.items():
+        out: dict[str, Any] = {"run": group, "stage": stage, "seeds": len(members)}
+        for key in EVAL_METRICS:
+            values = [m[key] for m in members if m.get(key) is not None]
+            if values:
+                out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        summary.append(out)
+    return summary
+
+
 def plot_results(sweep: Sweep, rows: list[dict[str, Any]]) -> Path | None:
     """root/fd_vs_steps.png: digits-FD and recall of each run's stage exports against the
     stage's step count (log axis, fewest steps right, as quality is read along distillation),
-    one line per run. None when no row has an evaluation."""
-    series: dict[str, list[tuple[int, float, float]]] = {}
+    one line per run; with `seeds`, one line per run group at the mean over its seeds, the sd as
+    error bars. None when no row has an evaluation."""
+    group_of = _group_of(sweep) if sweep.seeds else {}
+    points: dict[str, dict[int, list[tuple[float, float]]]] = {}
     for row in rows:
         match = re.fullmatch(r"(\d+)step", str(row.get("stage", "")))
         if match and row.get("digits_fd") is not None:
-            series.setdefault(row["run"], []).append(
-                (int(match.group(1)), row["digits_fd"], row["recall"]))
-    if not series:
+            line = group_of.get(row["run"], row["run"])
+            points.setdefault(line, {}).setdefault(int(match.group(1)), []).append(
+                (row["digits_fd"], row["recall"]))
+    if not points:
         return None
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on training machines
     import matplotlib.pyplot as plt
 
+    def mean_sd(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
     fig, (ax_fd, ax_recall) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for name, points in series.items():
-        steps, fd, recall = zip(*sorted(points, reverse=True))
-        ax_fd.plot(steps, fd, marker="o", label=name)
-        ax_recall.plot(steps, recall, marker="o", label=name)
-    all_steps = sorted({p[0] for points in series.values() for p in points}, reverse=True)
+    for name, by_steps in points.items():
+        steps = sorted(by_steps, reverse=True)
+        for ax, column in ((ax_fd, 0), (ax_recall, 1)):
+            stats = [mean_sd([v[column] for v in by_steps[n]]) for n in steps]
+            ax.errorbar(steps, [m for m, _ in stats], yerr=[sd for _, sd in stats] if sweep.seeds else None,
+                        marker="o", capsize=3, label=name)
+    all_steps = sorted({n for by_steps in points.values() for n in by_steps}, reverse=True)
     for ax, label in ((ax_fd, "digits-FD (lower is better)"), (ax_recall, "recall (higher is better)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(all_steps, [str(s) for s in all_steps])
@@ -470,7 +528,8 @@ def plot_results(sweep: Sweep, rows: list[dict[str, Any]]) -> Path | None:
         ax.grid(True, alpha=0.3)
     ax_recall.set_ylim(0, 1)
     ax_fd.legend(fontsize="small")
-    fig.suptitle(f"Sweep {sweep.root.name}: stage exports, guidance off")
+    seeds = f", mean ± sd over seeds {list(sweep.seeds)}" if sweep.seeds else ""
+    fig.suptitle(f"Sweep {sweep.root.name}: stage exports, guidance off{seeds}")
     path = sweep.root / PLOT_FILE
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -493,6 +552,14 @@ def write_results(sweep: Sweep, rows: list[dict[str, Any]]) -> tuple[Path, Path]
              "per stage, the last logged value of each loss.", "",
              "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_cell(row[c]) for c in shown) + " |" for row in rows]
+    summary = seed_summary(sweep, rows)
+    if summary:
+        metrics = [k for k in EVAL_METRICS if any(k in row for row in summary)]
+        lines += ["", f"Mean ± sd over the seeds {list(sweep.seeds)} (sample sd; n = seeds evaluated):", "",
+                  "| run | stage | n | " + " | ".join(metrics) + " |", "|" + "---|" * (3 + len(metrics))]
+        lines += [f"| {row['run']} | {row['stage']} | {row['seeds']} | "
+                  + " | ".join(f"{row[k][0]:.4g} ± {row[k][1]:.2g}" if k in row else "–" for k in metrics) + " |"
+                  for row in summary]
     plot = plot_results(sweep, rows)
     if plot is not None:
         lines += ["", f"![digits-FD and recall vs sampling steps]({plot.name})"]

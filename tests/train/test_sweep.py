@@ -14,7 +14,7 @@ import pytest
 from conftest import subprocess_env, write_short_config
 
 from train.config import load_config
-from train.sweep import SweepError, format_value, load_sweep, plot_results, run_names
+from train.sweep import SweepError, format_value, load_sweep, plot_results, run_names, seed_summary
 from train.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +76,56 @@ def test_expansion_grid_and_list_names_and_overrides(tmp_path, in_root):
     assert run.args[-1] == f"output_dir={tmp_path / 'sw' / 'single_head'}"
 
 
+def test_seeds_repeat_every_run_and_name_it_by_seed(tmp_path, in_root):
+    text = EXAMPLE.format(root=tmp_path / "sw") + "seeds: [0, 3]\n"
+    sweep = load_sweep(_write(tmp_path / "s.yaml", text))
+    assert len(sweep.runs) == 12 and sweep.seeds == (0, 3)
+    single = [r for r in sweep.runs if r.group == "single_head"]
+    assert [r.name for r in single] == ["single_head_seed-0", "single_head_seed-3"]
+    assert [r.config.seed for r in single] == [0, 3]
+    assert single[1].args[-2:] == ("seed=3", f"output_dir={tmp_path / 'sw' / 'single_head_seed-3'}")
+    assert sweep.runs[0].name == "backbone_trainable-false_lr_adv_full-1e-05_seed-0"
+    assert "seed" in sweep.varying  # a column of results.md
+
+
+def test_seed_summary_and_plot_give_mean_and_sd_per_run_group(tmp_path, in_root):
+    from PIL import Image
+
+    text = (f"base: configs/tiny.yaml\nroot: {tmp_path / 'root'}\nseeds: [0, 1, 2]\n"
+            "runs:\n  - {name: a}\n  - {name: b, discriminator.bucket_edges: []}\n")
+    sweep = load_sweep(_write(tmp_path / "s.yaml", text))
+    sweep.root.mkdir(parents=True)
+    rows = [{"run": f"{group}_seed-{seed}", "stage": f"{steps}step", "digits_fd": fd + seed,
+             "prompt_accuracy": 0.9, "precision": 0.8, "recall": 0.5, "diversity": 1.0}
+            for group in ("a", "b") for seed in (0, 1, 2) for steps, fd in ((4, 10.0), (1, 20.0))]
+    rows.append({"run": "b_seed-2", "stage": "", "digits_fd": None})  # a row with no evaluation
+    summary = {(r["run"], r["stage"]): r for r in seed_summary(sweep, rows)}
+    assert set(summary) == {("a", "4step"), ("a", "1step"), ("b", "4step"), ("b", "1step")}
+    assert summary[("a", "1step")]["seeds"] == 3
+    assert summary[("a", "1step")]["digits_fd"] == pytest.approx((21.0, 1.0))  # mean, sample sd
+    assert summary[("b", "4step")]["recall"] == pytest.approx((0.5, 0.0))
+    image = Image.open(plot_results(sweep, rows)).convert("RGB")
+    colours = {c for _, c in image.crop((0, 0, 500, 400)).getcolors(maxcolors=1 << 18)}
+    assert {(31, 119, 180), (255, 127, 14)} <= colours and (44, 160, 44) not in colours  # 2 lines, not 6
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_load(path, in_root):
+    sweep = load_sweep(path)
+    assert sweep.runs and all(run.config.stages for run in sweep.runs)
+
+
+def test_ablation_sweep_flips_one_discriminator_choice_per_run_at_two_seeds(in_root):
+    sweep = load_sweep(ROOT / "configs/sweeps/digits_ablation.yaml")
+    assert sweep.seeds == (0, 1)
+    flipped = {run.group: {k: v for k, v in run.overrides.items() if k != "seed"} for run in sweep.runs}
+    assert flipped == {"preset": {}, "one_head_set": {"discriminator.bucket_edges": []},
+                       "multiscale": {"discriminator.multiscale": True},
+                       "trainable_backbone": {"discriminator.backbone_trainable": True}}
+    preset = next(run.config.discriminator for run in sweep.runs if run.group == "preset")
+    assert preset.bucket_edges and not preset.multiscale and not preset.backbone_trainable
+
+
 def test_names_unique_and_safe_when_values_clash():
     safe = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
     names = run_names([(None, {"validation.prompts": ["a b"], "model.base": "x/y"}),
@@ -112,7 +162,11 @@ def test_format_value_round_trips_through_dotlist(value):
     ("runs:\n  - {name: typo, discriminator.bucket_edgez: []}\n",
      "run 'typo': discriminator.bucket_edgez: unknown key"),
     ("runs:\n  - {name: bad, discriminator.loss: hinj}\n", "run 'bad': discriminator.loss: 'hinj' is not one of"),
-    ("gird:\n  seed: [1, 2]\n", "gird: unknown sweep key; allowed: ['base', 'root', 'overrides', 'grid', 'runs']"),
+    ("gird:\n  seed: [1, 2]\n",
+     "gird: unknown sweep key; allowed: ['base', 'root', 'overrides', 'grid', 'runs', 'seeds']"),
+    ("seeds: [0, 0]\n", "seeds: expected a non-empty list of distinct integers"),
+    ("seeds: 3\n", "seeds: expected a non-empty list of distinct integers"),
+    ("seeds: [0, 1]\ngrid:\n  seed: [1, 2]\n", "seed: set by the sweep's `seeds` list"),
     ("grid:\n  seed: 3\n", "grid.seed: expected a non-empty list"),
     ("overrides: {output_dir: /x}\n", "output_dir is set by the sweep"),
     ("runs:\n  - {name: 'a/b', seed: 1}\n", "runs.0.name: 'a/b' is not a file-name-safe name"),
