@@ -52,10 +52,13 @@ def test_every_lora_phase_kind_takes_two_finite_steps_and_leaves_the_shared_base
 
     base_dir = _base_dir(size, tmp_path_factory)
     resolution = 256 if size == "sdxl" else 64
-    # Frozen weights stored in bf16 as the shipped preset does (fp32 compute: each layer upcasts
-    # its own weights while it runs): in fp32 the real size peaked at 20.7 GB, no room on 24 GB.
+    # Frozen weights stored in bf16 and gradient checkpointing, as the shipped preset does (fp32
+    # compute: each layer upcasts its own weights while it runs). Stored in fp32 the real size
+    # peaked at 20.7 GB and was OOM-killed beside other jobs; bf16 without checkpointing kept
+    # every upcast weight for backward (19.4 GB in the mse phase).
     cfg = load_config(CONFIG, [f"model.base={base_dir}", f"data.resolution={resolution}",
-                               "model.frozen_dtype=bf16", f"output_dir={tmp_path / 'run'}"])
+                               "model.frozen_dtype=bf16", "student.gradient_checkpointing=true",
+                               "discriminator.gradient_checkpointing=true", f"output_dir={tmp_path / 'run'}"])
     acc = Accelerator(mixed_precision=cfg.runtime.mixed_precision)
     base = load_base(base_dir, cfg.model, acc.device, torch.float32)
     assert probe_dtype(base) == torch.bfloat16
