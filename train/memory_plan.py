@@ -316,9 +316,11 @@ def measure_model(unet_config: dict, text_params: int, vae_params: int, *, laten
         frozen = unet if frozen_dtype == torch.float32 else _unet_in(unet_config, frozen_dtype)
         if frozen is not unet and autocast_dtype is None:
             # Stored in half precision, computed in fp32 (distill/precision.py): each layer's
-            # upcast weights are kept for backward like activations, and counted as such.
-            store_frozen(frozen, frozen_dtype, torch.float32)
-            d = Discriminator(frozen, conditional=False, bucket_edges=bucket_edges, multiscale=multiscale,
+            # upcast weights are kept for backward like activations, and counted as such. A
+            # freshly built UNet's parameters require grad, and `store_frozen` leaves trainable
+            # ones alone: frozen first, as the base is when it is loaded.
+            store_frozen(frozen.requires_grad_(False), frozen_dtype, torch.float32)
+            d = Discriminator(frozen, conditional=True, bucket_edges=bucket_edges, multiscale=multiscale,
                               backbone_trainable=False, head_channels=head_channels, latent_size=s,
                               share_weights=True)
         student = {}

@@ -66,6 +66,20 @@ def test_fake_activations_match_autograd_saved_bytes_on_a_real_forward():
     assert m.student_activations["full", False] > m.student_activations["full", True] > 0
 
 
+def test_half_precision_storage_computed_in_fp32_counts_the_upcast_weights():
+    """frozen_dtype=bf16 without mixed precision (the preset on a CPU): each layer runs on fp32
+    upcasts of its bf16 weights, and autograd keeps those upcasts for backward unless the
+    student is checkpointed. (The plan's forward used to fail: bf16 bias, fp32 input.)"""
+    kwargs = dict(latent_size=8, batch_size=2, prompt_len=7, lora_rank=4, head_channels=None,
+                  bucket_edges=[500], multiscale=False, autocast_dtype=None)
+    fp32 = measure_model(TINY_UNET_CONFIG, 0, 0, **kwargs)
+    bf16 = measure_model(TINY_UNET_CONFIG, 0, 0, frozen_dtype=torch.bfloat16, **kwargs)
+    weights = 4 * fp32.unet_params
+    assert bf16.student_activations["lora", False] >= fp32.student_activations["lora", False] + weights // 2
+    assert bf16.student_activations["lora", True] < bf16.student_activations["lora", False]
+    assert bf16.student_activations["full", False] == fp32.student_activations["full", False]
+
+
 def test_plan_arithmetic_by_form_and_kind():
     opts = PlanOptions(mixed_precision="bf16", frozen_dtype="bf16", backbone_trainable=True)
     lora = plan_phase(M, name="a", kind="adv_conditional", form="lora", shared_teacher=True, opts=opts)
