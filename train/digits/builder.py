@@ -52,6 +52,7 @@ from train.digits.text import build_text_encoders, write_tokenizer
 from train.files import build_once, default_cache_root
 
 MODEL_VERSION = 1  # bump when the builder changes, so caches rebuild
+MIN_SCHEDULE_STEPS = 21  # the shortest one-cycle schedule of `fit_epsilon`
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -246,7 +247,10 @@ def fit_epsilon(model: torch.nn.Module, predict_eps: Callable[[torch.nn.Module, 
     ema = copy.deepcopy(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
+    # OneCycleLR divides by its warm-up length (0.05·T − 1 steps), so it needs T > 20: shorter
+    # runs (plugins in tests) take the first `steps` of a 21-step schedule.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, MIN_SCHEDULE_STEPS),
+                                                pct_start=0.05)
     g = torch.Generator().manual_seed(seed + 1)
     time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(batch_size, 1)
     model.train()
