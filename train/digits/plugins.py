@@ -113,3 +113,23 @@ class PluginEffect:
         if reference.effect == 0:
             return float("nan")
         return self.effect / reference.effect
+
+
+@dataclass(frozen=True)
+class ControlTargets:
+    silhouettes: Tensor  # (10·per_digit, H / cell, W / cell) bool, digit-major
+    images: Tensor  # (10·per_digit, 3, H, W) the same as the ControlNet's conditioning images
+
+
+def control_targets(images: Tensor, labels: Tensor, per_digit: int, cell_px: int) -> ControlTargets:
+    """For the k-th image rendered of digit d (digit-major order, as `render_digits`), the
+    silhouette of the k-th of `images` labelled d (cycling when there are fewer): every prompt
+    gets a shape of its own digit to follow."""
+    picks = []
+    for digit in range(10):
+        of_digit = (labels == digit).nonzero().flatten()
+        if len(of_digit) == 0:
+            raise ValueError(f"no image of digit {digit} to take a control silhouette from")
+        picks.append(of_digit[torch.arange(per_digit) % len(of_digit)])
+    masks = silhouette(images[torch.cat(picks)], cell_px)
+    return ControlTargets(masks, silhouette_image(masks, cell_px))
