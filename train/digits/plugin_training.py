@@ -29,7 +29,14 @@ from pathlib import Path
 
 import torch
 
-from train.digits.builder import EpsilonData, NoisedBatch, encode_latents, fit_epsilon, unet_eps
+from train.digits.builder import (
+    EpsilonData,
+    EpsilonFit,
+    NoisedBatch,
+    encode_latents,
+    fit_epsilon,
+    unet_eps,
+)
 from train.digits.data import (
     digits_images,
     digits_split,
@@ -113,26 +120,35 @@ def _training_digits() -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- style LoRA
 
 
-def train_style_lora(base_dir: Path, spec: StyleLoraSpec, out_dir: Path) -> PluginReport:
-    """Fit a LoRA on the teacher UNet to bold digits and their styled captions; write
-    `out_dir/style_lora/pytorch_lora_weights.safetensors`."""
-    from diffusers import StableDiffusionXLPipeline
-    from peft.utils import get_peft_model_state_dict
-
+def fit_style_lora(pipe, spec: StyleLoraSpec) -> EpsilonFit:
+    """Fit a LoRA on the teacher pipeline's UNet (in place; `fit.model` is its EMA copy) to
+    bold digits and their styled captions."""
     from distill.lora import add_lora
 
-    start = time.time()
-    pipe = _teacher_pipeline(base_dir)
     images, labels = _training_digits()
     data = _epsilon_data(pipe, dilate(images, spec.dilation_px), labels,
                          [styled_prompt_for(d) for d in range(10)])
-    unet = pipe.unet
-    add_lora(unet, spec.rank, float(spec.rank))  # base frozen, only lora_A / lora_B train
-    fit = fit_epsilon(unet, unet_eps, data, spec.steps, spec.lr, spec.batch_size, spec.seed,
-                      desc="style LoRA")
+    add_lora(pipe.unet, spec.rank, float(spec.rank))  # base frozen, only lora_A / lora_B train
+    return fit_epsilon(pipe.unet, unet_eps, data, spec.steps, spec.lr, spec.batch_size, spec.seed,
+                       desc="style LoRA")
+
+
+def save_style_lora(unet, folder: Path) -> None:
+    """The UNet's peft adapter as diffusers' `pytorch_lora_weights.safetensors` in `folder`,
+    with its LoraConfig (rank, alpha, targets) as the file's adapter metadata."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
     StableDiffusionXLPipeline.save_lora_weights(
-        out_dir / STYLE_LORA_DIR, unet_lora_layers=get_peft_model_state_dict(fit.model),
-        unet_lora_adapter_metadata=fit.model.peft_config["default"].to_dict())
+        folder, unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+
+
+def train_style_lora(base_dir: Path, spec: StyleLoraSpec, out_dir: Path) -> PluginReport:
+    """The style LoRA of the teacher at `base_dir`, written to `out_dir/style_lora/`."""
+    start = time.time()
+    fit = fit_style_lora(_teacher_pipeline(base_dir), spec)
+    save_style_lora(fit.model, out_dir / STYLE_LORA_DIR)
     return _report("style_lora", base_dir, spec, fit.final_loss, start)
 
 
