@@ -59,7 +59,7 @@ CONDITIONING_WIDTHS = (16, 32, 96, 256)
 class StyleLoraSpec:
     rank: int = 8  # LoRA rank; alpha = rank, so the file's strength needs no alpha convention
     dilation_px: int = 1  # bold = strokes 2·dilation_px pixels wider
-    steps: int = 400  # optimizer steps
+    steps: int = 800  # optimizer steps
     lr: float = 1e-3  # peak of the one-cycle schedule
     batch_size: int = 32  # images per step
     seed: int = 0
@@ -72,8 +72,8 @@ class StyleLoraSpec:
 @dataclass(frozen=True)
 class ControlNetSpec:
     cell_px: int = 4  # silhouette cell in pixels (4 = one latent pixel of the digits VAE)
-    steps: int = 400  # optimizer steps
-    lr: float = 5e-4  # peak of the one-cycle schedule
+    steps: int = 1000  # optimizer steps
+    lr: float = 1e-3  # peak of the one-cycle schedule
     batch_size: int = 32  # images per step
     seed: int = 0
 
