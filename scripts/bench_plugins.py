@@ -103,10 +103,25 @@ class PluginRow:
         return {"name": self.name, "steps": self.steps, "guidance": self.guidance,
                 "stroke_width": self.style.without_plugin, "stroke_width_lora": self.style.with_plugin,
                 "style_effect": self.style.effect, "style_ratio": self.style.ratio(reference.style),
+                "style_ratio_ci90": _interval(self.style, reference.style),
                 "iou": self.control.without_plugin, "iou_controlnet": self.control.with_plugin,
                 "control_effect": self.control.effect, "control_ratio": self.control.ratio(reference.control),
+                "control_ratio_ci90": _interval(self.control, reference.control),
                 "accuracy": self.accuracy, "accuracy_lora": self.accuracy_lora,
                 "accuracy_controlnet": self.accuracy_controlnet, "seconds": self.seconds}
+
+
+def _interval(effect: PluginEffect, reference: PluginEffect) -> list[float] | None:
+    """The ratio's 90 % paired-bootstrap interval, where per-image values exist."""
+    if effect.per_image is None or reference.per_image is None:
+        return None
+    return list(effect.ratio_interval(reference, confidence=0.9))
+
+
+def _ratio_cell(effect: PluginEffect, reference: PluginEffect) -> str:
+    interval = _interval(effect, reference)
+    text = f"{effect.ratio(reference):.2f}"
+    return text if interval is None else f"{text} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def evaluate_row(name: str, pipe, steps: int, guidance: float, plugins: Plugins, targets: ControlTargets,
@@ -133,9 +148,9 @@ def evaluate_row(name: str, pipe, steps: int, guidance: float, plugins: Plugins,
     grid_images.setdefault(("control", 0, "target"), targets.images[shown])
     row = PluginRow(
         name, steps, guidance,
-        PluginEffect(stroke_width(styled.images).mean().item(), stroke_width(bold.images).mean().item()),
-        PluginEffect(silhouette_iou(plain.images, targets.silhouettes, cell_px).mean().item(),
-                     silhouette_iou(controlled.images, targets.silhouettes, cell_px).mean().item()),
+        PluginEffect.of(stroke_width(styled.images), stroke_width(bold.images)),
+        PluginEffect.of(silhouette_iou(plain.images, targets.silhouettes, cell_px),
+                        silhouette_iou(controlled.images, targets.silhouettes, cell_px)),
         prompt_accuracy(plain.images, plain.labels, classifier),
         prompt_accuracy(bold.images, bold.labels, classifier),
         prompt_accuracy(controlled.images, controlled.labels, classifier), seconds)
@@ -147,16 +162,16 @@ def evaluate_row(name: str, pipe, steps: int, guidance: float, plugins: Plugins,
 
 def table(rows: list[PluginRow]) -> str:
     ref = reference_row(rows)
-    lines = ["| model | steps | stroke width px: no LoRA → LoRA | style effect | style / teacher-32 | "
-             "silhouette IoU: no CN → CN | control effect | control / teacher-32 | "
+    lines = ["| model | steps | stroke width px: no LoRA → LoRA | style effect | style / teacher-32 [90% CI] | "
+             "silhouette IoU: no CN → CN | control effect | control / teacher-32 [90% CI] | "
              "acc | acc +LoRA | acc +CN |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r.name} | {r.steps} | {r.style.without_plugin:.2f} → {r.style.with_plugin:.2f} | "
-            f"{r.style.effect:+.2f} | {r.style.ratio(ref.style):.2f} | "
+            f"{r.style.effect:+.2f} | {_ratio_cell(r.style, ref.style)} | "
             f"{r.control.without_plugin:.3f} → {r.control.with_plugin:.3f} | {r.control.effect:+.3f} | "
-            f"{r.control.ratio(ref.control):.2f} | {100 * r.accuracy:.1f}% | {100 * r.accuracy_lora:.1f}% | "
+            f"{_ratio_cell(r.control, ref.control)} | {100 * r.accuracy:.1f}% | {100 * r.accuracy_lora:.1f}% | "
             f"{100 * r.accuracy_controlnet:.1f}% |")
     return "\n".join(lines)
 
@@ -166,7 +181,8 @@ def reference_row(rows: list[PluginRow]) -> PluginRow:
 
 
 def goals(rows: list[PluginRow]) -> list[tuple[str, bool]]:
-    """The issue's goal where the ours-4 row exists: it keeps >= 90 % of teacher-32's effect."""
+    """The issue's goal where the ours-4 row exists: it keeps >= 90 % of teacher-32's effect
+    (the point estimate; the table's interval says how sure that is)."""
     ref = reference_row(rows)
     ours4 = next((r for r in rows if r.name == "ours" and r.steps == 4), None)
     if ours4 is None:

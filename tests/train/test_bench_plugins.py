@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import ROOT, subprocess_env
@@ -31,7 +32,7 @@ def test_table_reports_effects_as_ratios_to_teacher_32_and_the_goal():
             Row("ours", 4, 0.0, Effect(4.1, 6.0), Effect(0.5, 0.88), 0.94, 0.9, 0.9, 2.0),
             Row("mse", 4, 0.0, Effect(4.0, 5.0), Effect(0.6, 0.8), 0.9, 0.8, 0.8, 2.0)]
     lines = bench.table(rows).splitlines()
-    assert "| style / teacher-32 |" in lines[0] and "| control / teacher-32 |" in lines[0]
+    assert "| style / teacher-32 [90% CI] |" in lines[0] and "| control / teacher-32 [90% CI] |" in lines[0]
     assert lines[3] == ("| ours | 4 | 4.10 → 6.00 | +1.90 | 0.95 | 0.500 → 0.880 | +0.380 | 0.95 | "
                         "94.0% | 90.0% | 90.0% |")
     assert [ok for _, ok in bench.goals(rows)] == [True, True]
@@ -40,6 +41,18 @@ def test_table_reports_effects_as_ratios_to_teacher_32_and_the_goal():
     assert [ok for _, ok in bench.goals([rows[0], rows[2]])] == []  # no ours-4 row, no verdict
     mse = rows[2].to_json(rows[0])
     assert mse["style_ratio"] == pytest.approx(0.5) and mse["control_ratio"] == pytest.approx(0.5)
+    assert mse["style_ratio_ci90"] is None  # no per-image values: no interval
+
+    # From per-image values (as the bench measures them) the ratio gets its paired interval.
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(50, generator=g)
+    teacher = Effect.of(base, base + 1 + 0.1 * torch.randn(50, generator=g))
+    student = Effect.of(base, base + 0.8 + 0.1 * torch.randn(50, generator=g))
+    with_ci = [Row("teacher", 32, 3.0, teacher, teacher, 1, 1, 1, 1), Row("ours", 4, 0.0, student, teacher, 1, 1, 1, 1)]
+    lo, hi = with_ci[1].to_json(with_ci[0])["style_ratio_ci90"]
+    assert lo < student.ratio(teacher) < hi
+    cell = bench.table(with_ci).splitlines()[3].split(" | ")[4]
+    assert cell == f"{student.ratio(teacher):.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 @pytest.mark.e2e
@@ -71,6 +84,7 @@ def test_bench_plugins_end_to_end_on_the_tiny_model(digits_cache, digits_dir, tm
         for key in ("stroke_width", "stroke_width_lora", "style_effect", "iou", "iou_controlnet",
                     "control_effect", "accuracy", "accuracy_lora", "accuracy_controlnet"):
             assert math.isfinite(r[key]), (r["name"], r["steps"], key)
+        assert len(r["style_ratio_ci90"]) == 2 and len(r["control_ratio_ci90"]) == 2
         assert 0 <= r["iou"] <= 1 and 0 <= r["iou_controlnet"] <= 1 and r["stroke_width"] > 0
     teacher = rows[0]
     for kind in ("style", "control"):  # the reference keeps all of its own effect

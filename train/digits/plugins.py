@@ -22,7 +22,7 @@ Images are [0, 1] floats (N, 3, H, W), ink bright on black, as `render_digits` r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,14 @@ class PluginEffect:
 
     without_plugin: float
     with_plugin: float
+    # per image (same order for every model: same prompts and seeds), with − without
+    per_image: Tensor | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, without_plugin: Tensor, with_plugin: Tensor) -> PluginEffect:
+        """From per-image metrics (N,) of the same prompts and seeds."""
+        return cls(without_plugin.double().mean().item(), with_plugin.double().mean().item(),
+                   (with_plugin.double() - without_plugin.double()).cpu())
 
     @property
     def effect(self) -> float:
@@ -113,6 +121,19 @@ class PluginEffect:
         if reference.effect == 0:
             return float("nan")
         return self.effect / reference.effect
+
+    def ratio_interval(self, reference: PluginEffect, confidence: float = 0.9, draws: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+        """Percentile-bootstrap interval of `ratio`: images resampled with replacement, the same
+        draw for both models (paired: image i has the same prompt and seed in each)."""
+        a, b = self.per_image, reference.per_image
+        if a is None or b is None or len(a) != len(b):
+            raise ValueError("a bootstrap interval needs both effects' per-image values, paired")
+        idx = torch.randint(len(a), (draws, len(a)), generator=torch.Generator().manual_seed(seed))
+        ratios = a[idx].mean(1) / b[idx].mean(1)
+        tail = (1 - confidence) / 2
+        lo, hi = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=ratios.dtype)).tolist()
+        return lo, hi
 
 
 @dataclass(frozen=True)

@@ -118,3 +118,17 @@ def test_plugin_effect_and_its_ratio_to_the_reference():
     assert student.effect == pytest.approx(1.8)
     assert student.ratio(teacher) == pytest.approx(0.9)
     assert math.isnan(student.ratio(PluginEffect(1.0, 1.0)))
+
+
+def test_plugin_effect_from_per_image_values_and_its_paired_bootstrap_interval():
+    g = torch.Generator().manual_seed(0)
+    without = torch.rand(400, generator=g)
+    teacher = PluginEffect.of(without, without + 1.0 + 0.3 * torch.randn(400, generator=g))
+    same = PluginEffect.of(without, without + teacher.per_image)  # the teacher's effect exactly
+    assert same.ratio(teacher) == pytest.approx(1.0)
+    assert same.ratio_interval(teacher) == pytest.approx((1.0, 1.0))  # paired: no spread
+    half = PluginEffect.of(without, without + 0.5 + 0.3 * torch.randn(400, generator=g))
+    lo, hi = half.ratio_interval(teacher, confidence=0.9)
+    assert lo < half.ratio(teacher) < hi and 0.4 < lo and hi < 0.6
+    with pytest.raises(ValueError, match="paired"):
+        PluginEffect(1.0, 2.0).ratio_interval(teacher)
