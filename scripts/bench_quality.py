@@ -36,7 +36,6 @@ of evaluation; with everything trained, evaluation alone.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -51,13 +50,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.phases import (  # noqa: E402
-    direct_adversarial_recipe,
-    lora_track_recipe,
-    mse_only_recipe,
+from train.bench_runs import (  # noqa: E402
+    STUDENT_STEPS,
+    VARIANTS,
+    export_file,
+    row_name,
+    run_dir_for,
+    run_finished,
+    variant_steps,
 )
 from train.config import Config, config_to_yaml, load_config  # noqa: E402
 from train.digits.data import read_model_info  # noqa: E402
+from train.digits.grids import side_by_side  # noqa: E402
 from train.digits.metrics import (  # noqa: E402
     ensure_digits_classifier,
     held_out_images,
@@ -69,37 +73,14 @@ from train.errors import add_debug_flag, run_cli  # noqa: E402
 from train.export_info import read_export_info  # noqa: E402
 from train.pipeline import load_pipeline  # noqa: E402
 
-STUDENT_STEPS = (8, 4, 2, 1)
 TEACHER_STEPS = (32, 8, 4, 2, 1)
-
-
-# ----------------------------------------------------------------------------- variants
-
-VARIANTS = {
-    "ours": lambda cfg: cfg,
-    "lora": lambda cfg: replace(cfg, stages=lora_track_recipe(cfg.stages)),
-    "mse": lambda cfg: replace(cfg, stages=mse_only_recipe(cfg.stages)),
-    **{f"direct-{n}": (lambda cfg, n=n: replace(cfg, stages=direct_adversarial_recipe(cfg.stages, n)))
-       for n in (4, 2, 1)},
-}
 DEFAULT_VARIANTS = ("ours", "lora", "mse")
-
-
-def row_name(variant: str) -> str:
-    """The table's model name: the direct-N variants share one ("direct"), one row per N."""
-    return variant.split("-")[0]
-
-
-def run_dir_for(name: str, cfg: Config, runs_root: Path) -> Path:
-    digest = hashlib.sha256(config_to_yaml(replace(cfg, output_dir="-")).encode()).hexdigest()[:10]
-    return runs_root / f"{name}-{digest}"
 
 
 def train_variant(name: str, cfg: Config, runs_root: Path) -> Path:
     out = run_dir_for(name, cfg, runs_root)
     cfg = replace(cfg, output_dir=str(out))
-    last = f"{cfg.stages[-1].student_steps}step"
-    if (out / "stages" / last / "stage.json").is_file():
+    if run_finished(out, cfg):
         print(f"[bench] {name}: reusing {out}", flush=True)
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -143,13 +124,6 @@ def evaluate_row(name: str, pipe, steps: int, guidance: float, per_digit: int, c
           f"P {row.precision:.3f}  R {row.recall:.3f}  div {row.diversity:.2f}  "
           f"{row.seconds_per_image * 1e3:.2f} ms/img", flush=True)
     return row
-
-
-def export_file(run: Path, prefix: str, steps: int, kind: str) -> Path:
-    if kind == "lora":
-        return run / "export" / f"{prefix}_{steps}step_lora.safetensors"
-    x0 = run / "export" / f"{prefix}_{steps}step_unet_x0.safetensors"
-    return x0 if x0.is_file() else run / "export" / f"{prefix}_{steps}step_unet.safetensors"
 
 
 _AVERAGED = ("fd", "accuracy", "precision", "recall", "diversity", "seconds_per_image")
@@ -246,34 +220,6 @@ def targets(rows: list[Row]) -> list[tuple[str, bool]]:
     return checks
 
 
-def side_by_side(grid_images: dict, columns: list[tuple[str, int]], path: Path) -> None:
-    """Columns of 10 digits × (up to) 4 samples, one column per (model, steps), with a gutter."""
-    from PIL import Image, ImageDraw
-
-    tiles = []
-    for key in columns:
-        imgs = grid_images[key]  # (10·per, 3, H, W): digit-major, `per` samples per digit
-        per = len(imgs) // 10
-        h, w = imgs.shape[-2:]
-        block = torch.ones(3, 10 * h, per * w)
-        for i, img in enumerate(imgs):
-            d, k = divmod(i, per)
-            block[:, d * h:(d + 1) * h, k * w:(k + 1) * w] = img
-        tiles.append(block)
-    scale, gutter, label_h = 3, 12, 18
-    bw, bh = tiles[0].shape[2] * scale, tiles[0].shape[1] * scale
-    canvas = Image.new("RGB", (len(tiles) * (bw + gutter) + gutter, bh + label_h + gutter), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (tile, (name, steps)) in enumerate(zip(tiles, columns)):
-        arr = (tile.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        im = Image.fromarray(arr).resize((bw, bh), Image.NEAREST)
-        x = gutter + i * (bw + gutter)
-        canvas.paste(im, (x, label_h))
-        draw.text((x + 2, 2), f"{name}-{steps}", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs/digits.yaml"))
@@ -316,8 +262,7 @@ def main(argv=None) -> int:
     for (name, seed), run in runs.items():
         kind = "lora" if name == "lora" else "unet"
         shown = grid_images if seed == seeds[0] else {}  # the grid shows the first seed's students
-        stage_steps = [stage.student_steps for stage in VARIANTS[name](base_cfg).stages]
-        for steps in (s for s in STUDENT_STEPS if s in stage_steps):
+        for steps in variant_steps(name, base_cfg):
             path = export_file(run, prefix, steps, kind)
             if not path.is_file():
                 print(f"[bench] {name}: no export {path.name}; row skipped", flush=True)

@@ -60,3 +60,16 @@ def load_pipeline(base_dir: str | os.PathLike, export_path: str | os.PathLike | 
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, **settings)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def with_controlnet(pipe, controlnet):
+    """`pipe` (a base or a student, as `load_pipeline` returns it) as a
+    `StableDiffusionXLControlNetPipeline` with `controlnet`: the same modules and scheduler
+    (so a student's prediction type and timestep spacing carry over), as users combine a
+    ControlNet trained for the base with a distilled UNet."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    controlled = StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=controlnet,
+                                                     add_watermarker=False)
+    controlled.set_progress_bar_config(disable=True)
+    return controlled.to(pipe.device)

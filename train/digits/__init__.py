@@ -7,6 +7,9 @@ digits, built from scratch here because no SDXL weights can be downloaded (ARCHI
     builder.py   VAE and UNet training, the diffusers folder, its cache (`ensure_digits_model`)
     shards.py    the digits as webdataset shards in img2dataset's layout (the default data)
     metrics.py   digit classifier, digits-FD and prompt accuracy of a pipeline or an export
+    grids.py     side-by-side image grids of the benchmarks
+    plugins.py   what the plugin benchmark measures: stroke width, silhouettes and their IoU
+    plugin_training.py  a style LoRA and a silhouette ControlNet trained for the teacher
     evaluate.py  the command line: `python -m train.digits.evaluate --model DIR ...`
 
 Generic code reaches this package only through `train/embedded.py`, the config's

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from train.digits.text import build_text_encoders, write_tokenizer
 from train.files import build_once, default_cache_root
 
 MODEL_VERSION = 1  # bump when the builder changes, so caches rebuild
+MIN_SCHEDULE_STEPS = 21  # the shortest one-cycle schedule of `fit_epsilon`
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -145,12 +147,21 @@ def train_vae(spec: DigitsModelSpec, train_x: torch.Tensor, eval_x: torch.Tensor
     with torch.no_grad():
         recon = vae.decode(vae.encode(eval_x).latent_dist.mode()).sample.clamp(-1, 1)
         mse = F.mse_loss((recon + 1) / 2, (eval_x + 1) / 2).item()
-        posts = [vae.encode(b).latent_dist for b in train_x.split(256)]
-    mean, std = torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
+    mean, std = encode_latents(vae, train_x, scaling_factor=1.0)
     scale = 1.0 / mean.std().item()
     vae.register_to_config(scaling_factor=scale)
     return TrainedVae(vae, VaeReport(mse, 10 * math.log10(1.0 / mse), scale), mean * scale,
                       std * scale)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, scaling_factor: float | None = None,
+                   batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled posterior (mean, std) of [−1, 1] images, the per-image latents UNet training
+    samples from; scaling_factor defaults to the VAE's own."""
+    scale = vae.config.scaling_factor if scaling_factor is None else scaling_factor
+    posts = [vae.encode(b).latent_dist for b in images.split(batch_size)]
+    return torch.cat([p.mean for p in posts]) * scale, torch.cat([p.std for p in posts]) * scale
 
 
 # ----------------------------------------------------------------------------- UNet
@@ -182,51 +193,96 @@ def _ema_update(ema, model, decay: float) -> None:
         e.lerp_(p, 1 - decay)
 
 
-def train_unet(unet, spec: DigitsModelSpec, latent_mean: torch.Tensor, latent_std: torch.Tensor,
-               labels: torch.Tensor, prompt_embeds: torch.Tensor, pooled_embeds: torch.Tensor,
-               seed: int, prompt_dropout: float = 0.1):
-    """Epsilon-prediction DDPM training on SDXL's schedule; returns (EMA UNet, final loss).
+@dataclass(frozen=True)
+class NoisedBatch:
+    """One training batch of the epsilon objective: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·eps (DDPM eq. 4)."""
 
-    latent_mean/std: scaled posterior of each training image (a fresh latent is sampled per
-    step, as SD trains). prompt_embeds/pooled_embeds: per digit class, from the pipeline's own
-    `encode_prompt`. A dropped prompt is all-zero embeddings, exactly the pipeline's
-    unconditional branch under `force_zeros_for_empty_prompt`.
+    index: torch.Tensor  # (B,) rows of the training latents drawn (to look up per-image inputs)
+    x_t: torch.Tensor  # (B, 4, h, w) noised latents
+    t: torch.Tensor  # (B,) integer timesteps in [0, 1000)
+    eps: torch.Tensor  # (B, 4, h, w) the noise to predict
+    text: torch.Tensor  # (B, tokens, dim) prompt embeddings, zero where the prompt was dropped
+    pooled: torch.Tensor  # (B, projection_dim) pooled embeddings, zero where dropped
+    time_ids: torch.Tensor  # (B, 6) SDXL micro-conditioning
+
+
+@dataclass(frozen=True)
+class EpsilonData:
+    """What the epsilon objective draws from: per-image latents and labels, per-class prompts."""
+
+    latent_mean: torch.Tensor  # (N, 4, h, w) scaled posterior mean of each training image
+    latent_std: torch.Tensor  # (N, 4, h, w) scaled posterior std
+    labels: torch.Tensor  # (N,) the prompt class of each image
+    prompt_embeds: torch.Tensor  # (classes, tokens, dim) from the pipeline's `encode_prompt`
+    pooled_embeds: torch.Tensor  # (classes, projection_dim)
+
+
+@dataclass(frozen=True)
+class EpsilonFit:
+    model: torch.nn.Module  # the EMA of the trained module, eval mode
+    final_loss: float  # smoothed epsilon MSE at the end of training
+
+
+def unet_eps(unet, batch: NoisedBatch) -> torch.Tensor:
+    """The plain UNet's epsilon prediction of a batch."""
+    return unet(batch.x_t, batch.t, batch.text,
+                added_cond_kwargs={"text_embeds": batch.pooled, "time_ids": batch.time_ids}).sample
+
+
+def fit_epsilon(model: torch.nn.Module, predict_eps: Callable[[torch.nn.Module, NoisedBatch], torch.Tensor],
+                data: EpsilonData, steps: int, lr: float, batch_size: int, seed: int,
+                prompt_dropout: float = 0.1, desc: str = "UNet") -> EpsilonFit:
+    """Epsilon-prediction DDPM training on SDXL's schedule of `model`'s trainable parameters
+    (those with requires_grad): the teacher's own training, and that of plugins on it.
+
+    predict_eps(model, batch): the prediction the loss compares with batch.eps; it may run
+    frozen modules around `model` (a ControlNet feeds the frozen UNet). A fresh latent is
+    sampled from each image's posterior every step, as SD trains. A dropped prompt is all-zero
+    embeddings, exactly the pipeline's unconditional branch under `force_zeros_for_empty_prompt`,
+    so CFG works with what is trained here.
     """
     from diffusers import DDPMScheduler
 
     abar = DDPMScheduler(**SDXL_SCHEDULER_CONFIG).alphas_cumprod
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=spec.unet_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.unet_lr, total_steps=spec.unet_steps,
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # OneCycleLR divides by its warm-up length (0.05·T − 1 steps), so it needs T > 20: shorter
+    # runs (plugins in tests) take the first `steps` of a 21-step schedule.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, MIN_SCHEDULE_STEPS),
                                                 pct_start=0.05)
     g = torch.Generator().manual_seed(seed + 1)
-    time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(spec.batch_size, 1)
-    unet.train()
+    time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(batch_size, 1)
+    model.train()
     smoothed = float("nan")
-    bar = tqdm(range(spec.unet_steps), desc="UNet", leave=False)
+    bar = tqdm(range(steps), desc=desc, leave=False)
     for step in bar:
-        idx = torch.randint(len(labels), (spec.batch_size,), generator=g)
-        x0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=g)
+        idx = torch.randint(len(data.labels), (batch_size,), generator=g)
+        mean, std = data.latent_mean[idx], data.latent_std[idx]
+        x0 = mean + std * torch.randn(mean.shape, generator=g)
         eps = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, len(abar), (spec.batch_size,), generator=g)
+        t = torch.randint(0, len(abar), (batch_size,), generator=g)
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        keep = (torch.rand(spec.batch_size, generator=g) >= prompt_dropout).float()
-        text = prompt_embeds[labels[idx]] * keep.view(-1, 1, 1)
-        pooled = pooled_embeds[labels[idx]] * keep.view(-1, 1)
-        pred = unet(x_t, t, text, added_cond_kwargs={"text_embeds": pooled,
-                                                      "time_ids": time_ids}).sample
-        loss = F.mse_loss(pred, eps)
+        keep = (torch.rand(batch_size, generator=g) >= prompt_dropout).float()
+        text = data.prompt_embeds[data.labels[idx]] * keep.view(-1, 1, 1)
+        pooled = data.pooled_embeds[data.labels[idx]] * keep.view(-1, 1)
+        loss = F.mse_loss(predict_eps(model, NoisedBatch(idx, x_t, t, eps, text, pooled, time_ids)), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        _ema_update(ema, unet, min(0.998, (1 + step) / (10 + step)))
+        _ema_update(ema, model, min(0.998, (1 + step) / (10 + step)))
         smoothed = loss.item() if math.isnan(smoothed) else 0.98 * smoothed + 0.02 * loss.item()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{smoothed:.4f}")
-    return ema.eval(), smoothed
+    return EpsilonFit(ema.eval(), smoothed)
+
+
+def train_unet(unet, spec: DigitsModelSpec, data: EpsilonData, seed: int) -> EpsilonFit:
+    """The teacher: the whole UNet fitted to the digits with 10 % prompt dropout."""
+    return fit_epsilon(unet, unet_eps, data, spec.unet_steps, spec.unet_lr, spec.batch_size, seed)
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -297,8 +353,9 @@ def build_digits_model(out_dir: str | os.PathLike, size: str = "full", seed: int
     with torch.no_grad():
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(
             list(DIGIT_PROMPTS), device="cpu", do_classifier_free_guidance=False)
-    unet, final_loss = train_unet(unet, spec, trained.latent_mean, trained.latent_std,
-                                  data.labels[train_idx], prompt_embeds, pooled, seed)
+    fit = train_unet(unet, spec, EpsilonData(trained.latent_mean, trained.latent_std,
+                                             data.labels[train_idx], prompt_embeds, pooled), seed)
+    unet, final_loss = fit.model, fit.final_loss
     pipe.register_modules(unet=unet)
     pipe.set_progress_bar_config(disable=True)
 

@@ -18,6 +18,7 @@ Images everywhere here are float tensors in [0, 1], shape (N, 3, 32, 32).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,22 +204,29 @@ class RenderedDigits:
 
 @torch.no_grad()
 def render_digits(pipe, num_steps: int, per_digit: int, guidance_scale: float, seed: int = 0,
-                  batch_size: int = 250) -> RenderedDigits:
+                  batch_size: int = 250, *, caption: Callable[[int], str] = prompt_for,
+                  control_images: Tensor | None = None) -> RenderedDigits:
     """Render `per_digit` images of each digit through `pipe` (prompts batched).
 
     Each image has its own generator seeded from (seed, index), so results do not depend on
-    the batch size.
+    the batch size, and two pipelines (with and without a plugin) see the same noise.
+    caption(digit): the prompt (default "a handwritten digit seven").
+    control_images: (10·per_digit, 3, H, W) in [0, 1], one per image in digit-major order,
+    passed as the `image` of a ControlNet pipeline.
     """
     labels = torch.arange(10).repeat_interleave(per_digit)
-    prompts = [prompt_for(d) for d in labels.tolist()]
+    prompts = [caption(d) for d in labels.tolist()]
+    if control_images is not None and len(control_images) != len(prompts):
+        raise ValueError(f"{len(control_images)} control images for {len(prompts)} prompts")
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=f"render {num_steps} steps",
                       leave=False):
         chunk = prompts[start: start + batch_size]
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i)
                 for i in range(len(chunk))]
+        control = {} if control_images is None else {"image": control_images[start: start + len(chunk)]}
         result = pipe(prompt=chunk, num_inference_steps=num_steps, guidance_scale=guidance_scale,
-                      generator=gens, output_type="pt")
+                      generator=gens, output_type="pt", **control)
         out.append(result.images.float().cpu().clamp(0, 1))
     return RenderedDigits(torch.cat(out), labels)
 
