@@ -137,3 +137,16 @@ def subprocess_env(**extra: str) -> dict:
                PYTHONUNBUFFERED="1", **extra)
     env.pop("WANDB_API_KEY", None)
     return env
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as the module `name` (the bench scripts are not a package);
+    registered in sys.modules because dataclasses look their module up there."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

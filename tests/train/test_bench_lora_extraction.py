@@ -3,18 +3,11 @@ ways, the same relative error both ways, totals weighted by layer counts."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
-from tests.conftest import ROOT
+from tests.conftest import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_lora_extraction", ROOT / "scripts/bench_lora_extraction.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_lora_extraction"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_lora_extraction")
 
 
 def test_shapes_are_the_lora_target_set_flattened():

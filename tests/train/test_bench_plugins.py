@@ -4,7 +4,6 @@ bench_quality.py first, an unfinished variant skipped)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -14,15 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, load_script, subprocess_env
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_plugins", ROOT / "scripts/bench_plugins.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_plugins"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_plugins")
 
 
 def test_table_reports_effects_as_ratios_to_teacher_32_and_the_goal():

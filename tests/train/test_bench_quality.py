@@ -3,7 +3,6 @@ and the direct-adversarial baseline trained and evaluated for real on the tiny d
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,15 +10,11 @@ import sys
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, load_script, subprocess_env
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "scripts/bench_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quality"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_quality")
 
 
 def test_table_shows_diversity_relative_to_teacher_32_and_the_coverage_claim():
