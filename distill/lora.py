@@ -259,12 +259,13 @@ def svd_lora(delta: Tensor, rank: int) -> SvdLora:
     by float32 SVD on a GPU (fast at SDXL size).
     """
     out_features = delta.shape[0]
-    flat = delta.detach().reshape(out_features, -1)
+    work = torch.float64 if delta.device.type == "cpu" else torch.float32
+    flat = delta.detach().to(work).reshape(out_features, -1)
     r = max(1, min(rank, *flat.shape))
-    if flat.device.type == "cpu":
-        up, down = _top_singular_gram(flat.double(), r)
+    if work == torch.float64:
+        up, down = _top_singular_gram(flat, r)
     else:
-        u, s, vh = torch.linalg.svd(flat.float(), full_matrices=False)
+        u, s, vh = torch.linalg.svd(flat, full_matrices=False)
         up, down = u[:, :r] * s[:r], vh[:r]
     norm_sq = float(flat.square().sum())
     error_sq = float((flat - up @ down).square().sum())
