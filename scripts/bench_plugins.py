@@ -41,11 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 from train.bench_runs import (  # noqa: E402
     VARIANTS,
-    export_file,
     row_name,
     run_dir_for,
     run_finished,
-    variant_steps,
+    variant_exports,
 )
 from train.config import load_config  # noqa: E402
 from train.digits.data import read_model_info  # noqa: E402
@@ -217,8 +216,7 @@ def student_pipelines(variants: list[str], base_cfg, base_dir: Path, runs_root: 
         if not run_finished(run, cfg):
             print(f"[plugins] {name}: run {run} not finished (no last stage.json); rows skipped", flush=True)
             continue
-        for steps in variant_steps(name, base_cfg):
-            path = export_file(run, base_cfg.export.name, steps, "lora" if name == "lora" else "unet")
+        for path in variant_exports(name, run, base_cfg):
             if not path.is_file():
                 print(f"[plugins] {name}: no export {path}; row skipped", flush=True)
                 continue

@@ -53,11 +53,10 @@ sys.path.insert(0, str(ROOT))
 from train.bench_runs import (  # noqa: E402
     STUDENT_STEPS,
     VARIANTS,
-    export_file,
     row_name,
     run_dir_for,
     run_finished,
-    variant_steps,
+    variant_exports,
 )
 from train.config import Config, config_to_yaml, load_config  # noqa: E402
 from train.digits.data import read_model_info  # noqa: E402
@@ -129,14 +128,19 @@ def evaluate_row(name: str, pipe, steps: int, guidance: float, per_digit: int, c
 _AVERAGED = ("fd", "accuracy", "precision", "recall", "diversity", "seconds_per_image")
 
 
-def mean_rows(rows: list[Row]) -> list[Row]:
-    """One row per (model, steps): the mean over training seeds (the teacher's rows as they are)."""
+def _by_model(rows: list[Row]) -> dict[tuple[str, int], list[Row]]:
+    """Rows grouped by (model, steps), in first-seen order: one per training seed."""
     groups: dict[tuple[str, int], list[Row]] = {}
     for r in rows:
         groups.setdefault((r.name, r.steps), []).append(r)
+    return groups
+
+
+def mean_rows(rows: list[Row]) -> list[Row]:
+    """One row per (model, steps): the mean over training seeds (the teacher's rows as they are)."""
     return [Row(name, steps, *(statistics.fmean(getattr(r, f) for r in group) for f in _AVERAGED),
                 images=group[0].images)
-            for (name, steps), group in groups.items()]
+            for (name, steps), group in _by_model(rows).items()]
 
 
 def _mean_sd(values: list[float], fmt: str) -> str:
@@ -150,10 +154,7 @@ def seeds_table(rows: list[Row], seeds: list[int]) -> str:
     lines = ["| model | steps | digits-FD ↓ (mean ± sd) | " + " | ".join(f"FD seed {s}" for s in seeds)
              + " | prompt acc ↑ | precision ↑ | recall ↑ | diversity / teacher-32 | FD / teacher-32 |",
              "|---|---:|---:|" + "---:|" * len(seeds) + "---:|---:|---:|---:|---:|"]
-    groups: dict[tuple[str, int], list[Row]] = {}
-    for r in rows:
-        groups.setdefault((r.name, r.steps), []).append(r)
-    for (name, steps), group in groups.items():
+    for (name, steps), group in _by_model(rows).items():
         by_seed = {r.train_seed: r for r in group}
         per_seed = [f"{by_seed[s].fd:.1f}" if s in by_seed else ("–" if name != "teacher" else "")
                     for s in seeds]
@@ -258,12 +259,9 @@ def main(argv=None) -> int:
         rows.append(evaluate_row("teacher", teacher, steps, guidance, args.per_digit, classifier, real,
                                  grid_images, args.seed))
     del teacher
-    prefix = base_cfg.export.name
     for (name, seed), run in runs.items():
-        kind = "lora" if name == "lora" else "unet"
         shown = grid_images if seed == seeds[0] else {}  # the grid shows the first seed's students
-        for steps in variant_steps(name, base_cfg):
-            path = export_file(run, prefix, steps, kind)
+        for path in variant_exports(name, run, base_cfg):
             if not path.is_file():
                 print(f"[bench] {name}: no export {path.name}; row skipped", flush=True)
                 continue

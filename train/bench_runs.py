@@ -56,3 +56,11 @@ def variant_steps(name: str, cfg: Config) -> list[int]:
     """The benchmarked student step counts (STUDENT_STEPS) that variant `name` distils."""
     stage_steps = {stage.student_steps for stage in VARIANTS[name](cfg).stages}
     return [s for s in STUDENT_STEPS if s in stage_steps]
+
+
+def variant_exports(name: str, run: Path, cfg: Config) -> list[Path]:
+    """The export file of each benchmarked step count of variant `name`'s run: the LoRA file for
+    the LoRA track, the UNet file otherwise. A file may be missing (an unfinished stage);
+    callers skip those rows."""
+    kind = "lora" if name == "lora" else "unet"
+    return [export_file(run, cfg.export.name, steps, kind) for steps in variant_steps(name, cfg)]

@@ -469,13 +469,20 @@ def _group_of(sweep: Sweep) -> dict[str, str]:
     return {run.name: run.group or run.name for run in sweep.runs}
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def seed_summary(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per run group (a run over its seeds) and stage: n seeds evaluated, and the mean and sample
     sd of each evaluation column. [] for a sweep without seeds or rows without evaluations."""
+    if not sweep.seeds:
+        return []
     group_of = _group_of(sweep)
     cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        if sweep.seeds and row.get("digits_fd") is not None:
+        if row.get("digits_fd") is not None:
             cells.setdefault((group_of.get(row["run"], row["run"]), row["stage"]), []).append(row)
     summary = []
     for (group, stage), members in cells.items():
@@ -483,7 +490,7 @@ def seed_summary(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any
         for key in EVAL_METRICS:
             values = [m[key] for m in members if m.get(key) is not None]
             if values:
-                out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+                out[key] = _mean_sd(values)
         summary.append(out)
     return summary
 
@@ -493,7 +500,7 @@ def plot_results(sweep: Sweep, rows: list[dict[str, Any]]) -> Path | None:
     stage's step count (log axis, fewest steps right, as quality is read along distillation),
     one line per run; with `seeds`, one line per run group at the mean over its seeds, the sd as
     error bars. None when no row has an evaluation."""
-    group_of = _group_of(sweep) if sweep.seeds else {}
+    group_of = _group_of(sweep)  # without seeds, a run's group is its own name
     points: dict[str, dict[int, list[tuple[float, float]]]] = {}
     for row in rows:
         match = re.fullmatch(r"(\d+)step", str(row.get("stage", "")))
@@ -508,14 +515,11 @@ def plot_results(sweep: Sweep, rows: list[dict[str, Any]]) -> Path | None:
     matplotlib.use("Agg")  # files only; no display on training machines
     import matplotlib.pyplot as plt
 
-    def mean_sd(values: list[float]) -> tuple[float, float]:
-        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
     fig, (ax_fd, ax_recall) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for name, by_steps in points.items():
         steps = sorted(by_steps, reverse=True)
         for ax, column in ((ax_fd, 0), (ax_recall, 1)):
-            stats = [mean_sd([v[column] for v in by_steps[n]]) for n in steps]
+            stats = [_mean_sd([v[column] for v in by_steps[n]]) for n in steps]
             ax.errorbar(steps, [m for m, _ in stats], yerr=[sd for _, sd in stats] if sweep.seeds else None,
                         marker="o", capsize=3, label=name)
     all_steps = sorted({n for by_steps in points.values() for n in by_steps}, reverse=True)
