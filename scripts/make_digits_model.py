@@ -14,8 +14,11 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
 from train.digits.builder import SPECS, build_digits_model, ensure_digits_model
 from train.digits.data import read_model_info

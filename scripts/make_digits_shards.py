@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
 from train.digits.shards import write_digits_shards
 from train.errors import add_debug_flag, run_cli
