@@ -207,6 +207,13 @@ def write_grids(grid_images: dict, rows: list[PluginRow], out: Path) -> None:
     side_by_side(grid_images, control_cols, out / "plugins_control.png", control_labels, scale=2)
 
 
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies under it (the report is committed;
+    an absolute path names one machine's checkout)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def student_pipelines(variants: list[str], base_cfg, base_dir: Path, runs_root: Path):
     """(row name, steps, pipeline) of every finished variant's exports, skipping with a line
     what is not there; students are never trained here."""
@@ -275,7 +282,8 @@ def main(argv=None) -> int:
     if goals(rows):
         report += ["| goal (issue #14) | met |", "|---|---|"]
         report += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in goals(rows)]
-    report += ["", f"Plugins: style LoRA `{plugins.style_lora}`, ControlNet `{plugins.controlnet}`"]
+    report += ["", f"Plugins (under --plugins-root): style LoRA `{shown_path(plugins.style_lora)}`, "
+               f"ControlNet `{shown_path(plugins.controlnet)}`"]
     (out / "plugins_results.md").write_text("\n".join(report) + "\n")
     results = [r.to_json(ref) for r in rows]
     (out / "plugins_results.json").write_text(json.dumps(results, indent=2))

@@ -50,6 +50,14 @@ def test_table_reports_effects_as_ratios_to_teacher_32_and_the_goal():
     assert cell == f"{student.ratio(teacher):.2f} [{lo:.2f}, {hi:.2f}]"
 
 
+def test_report_names_plugins_under_the_working_directory_relatively(tmp_path, monkeypatch):
+    bench = _bench()
+    monkeypatch.chdir(tmp_path)
+    assert bench.shown_path(tmp_path / "runs" / "plugins" / "style") == "runs/plugins/style"
+    outside = tmp_path.parent / "elsewhere"
+    assert bench.shown_path(outside) == str(outside.resolve())  # committed reports: no guessing
+
+
 @pytest.mark.e2e
 def test_bench_plugins_end_to_end_on_the_tiny_model(digits_cache, digits_dir, tmp_path):
     from train.digits.data import read_model_info

@@ -8,11 +8,13 @@ import csv
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import subprocess_env, write_short_config
 
+from train.bench_runs import run_dir_for
 from train.config import load_config
 from train.sweep import SweepError, format_value, load_sweep, plot_results, run_names, seed_summary
 from train.tracking import read_metrics
@@ -124,6 +126,12 @@ def test_ablation_sweep_flips_one_discriminator_choice_per_run_at_two_seeds(in_r
                        "trainable_backbone": {"discriminator.backbone_trainable": True}}
     preset = next(run.config.discriminator for run in sweep.runs if run.group == "preset")
     assert preset.bucket_edges and not preset.multiscale and not preset.backbone_trainable
+    # the preset cells are bench_quality's `ours` runs at the same seeds (one config hash), so a
+    # finished bench run can be linked in instead of trained again
+    base = load_config(ROOT / "configs/digits.yaml")
+    for run in (run for run in sweep.runs if run.group == "preset"):
+        seed = run.overrides["seed"]
+        assert run_dir_for("ours", run.config, ROOT) == run_dir_for("ours", replace(base, seed=seed), ROOT)
 
 
 def test_names_unique_and_safe_when_values_clash():
