@@ -56,6 +56,26 @@ def test_seed_report_gives_mean_sd_and_checks_targets_on_the_mean_and_every_seed
     targets = {line.split(" | ")[0][2:]: line for line in bench.seed_targets(rows, [0, 1])[2:]}
     assert targets["ours-4 FD <= 1.2 x teacher-32 FD"].endswith("| yes | yes | NO |")
     assert targets["ours-1 beats MSE-1 by >= 25% on FD"].endswith("| yes | yes | yes |")
+    # a seed without a row (an unfinished export) shows "—" for the targets that need it
+    partial = [r for r in rows if not (r.train_seed == 1 and r.name == "ours" and r.steps == 1)]
+    targets = {line.split(" | ")[0][2:]: line for line in bench.seed_targets(partial, [0, 1])[2:]}
+    assert targets["ours-1 beats MSE-1 by >= 25% on FD"].endswith("| yes | yes | — |")
+    assert targets["ours-4 FD <= 1.2 x teacher-32 FD"].endswith("| yes | yes | NO |")
+
+
+def test_targets_are_checked_only_where_this_run_has_their_rows():
+    """`--teacher-steps 4` renders no teacher-8/2/1: those targets are left out, not a crash."""
+    bench = _bench()
+    Row = bench.Row
+    rows = [Row("teacher", 32, 100.0, 0.98, 0.8, 0.9, 40.0, 0.02, 100),
+            Row("teacher", 4, 140.0, 0.98, 0.8, 0.9, 40.0, 0.005, 100)]
+    rows += [Row(name, n, fd, 0.97, 0.8, 0.9, 38.0, 0.003, 100)
+             for name, fd in (("ours", 110.0), ("mse", 140.0)) for n in (8, 4, 2, 1)]
+    checks = dict(bench.targets(rows))
+    assert "ours-8 beats teacher-8 on FD" not in checks and "ours-1 beats teacher-1 on FD" not in checks
+    assert checks["ours-4 beats teacher-4 on FD"] and checks["ours-4 FD <= 1.2 x teacher-32 FD"]
+    assert checks["ours-2 beats MSE-2 by >= 25% on FD"] is False  # 110 > 0.75 x 140
+    assert len(checks) == 6
 
 
 @pytest.mark.e2e
