@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import ROOT, load_script, subprocess_env
@@ -28,9 +29,24 @@ def test_table_shows_diversity_relative_to_teacher_32_and_the_coverage_claim():
     lines = bench.table(rows).splitlines()
     assert "| precision ↑ | recall ↑ | diversity / teacher-32 |" in lines[0]
     assert lines[3] == "| ours | 4 | 11.000 | 94.0% | 0.800 | 0.850 | 0.90 | 1.10 | 0.150 |"
-    assert dict(bench.coverage_claim(rows)) == {
-        "ours-4 recall >= direct-4 recall": True, "ours-4 diversity >= direct-4 diversity": True,
-        "ours-1 recall >= direct-1 recall": False, "ours-1 diversity >= direct-1 diversity": False}
+    g = torch.Generator().manual_seed(0)
+    div = 10 + torch.rand(200, generator=g)
+    covered = torch.ones(100, dtype=torch.float64)
+    half = torch.cat([torch.ones(50), torch.zeros(50)]).double()
+    coverage = {("teacher", 32): bench.CoverageSamples(covered, div),
+                ("ours", 4): bench.CoverageSamples(covered, div * 0.99),
+                ("direct", 4): bench.CoverageSamples(half, div * 0.5)}
+    claim = bench.coverage_claim(coverage)
+    assert claim[0].startswith("| comparison | recall difference [90% CI] |")
+    by_pair = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in claim[2:]}
+    assert list(by_pair) == ["ours-4 − direct-4", "ours-4 − teacher-32", "direct-4 − teacher-32"]
+    recall, recall_side, div_cell, div_side = by_pair["ours-4 − direct-4"]
+    assert recall.startswith("+0.500 [") and recall_side == "ours-4"
+    assert div_cell.startswith("+0.49") and div_side.startswith("ours-4")  # in teacher-32 units
+    # identical coverage: a zero-width interval at 0 names neither side
+    assert by_pair["ours-4 − teacher-32"][:2] == ["+0.000 [+0.000, +0.000]", "neither (interval spans 0)"]
+    assert by_pair["direct-4 − teacher-32"][3].startswith("teacher-32")
+    assert bench.coverage_claim({("teacher", 32): coverage[("teacher", 32)]}) == []  # nothing to compare
     assert bench.row_name("direct-4") == "direct" and bench.row_name("ours") == "ours"
 
 

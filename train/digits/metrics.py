@@ -168,25 +168,52 @@ def precision_recall(gen_feats: Tensor, real_feats: Tensor, k: int = 3) -> Preci
     Precision = generated samples inside the real manifold; recall = real samples inside the
     generated manifold. Mode collapse shows as low recall at high precision."""
     precision = _inside_manifold(gen_feats, real_feats, knn_radii(real_feats, k)).double().mean()
-    recall = _inside_manifold(real_feats, gen_feats, knn_radii(gen_feats, k)).double().mean()
-    return PrecisionRecall(precision.item(), recall.item())
+    return PrecisionRecall(precision.item(), real_covered(gen_feats, real_feats, k).double().mean().item())
+
+
+def real_covered(gen_feats: Tensor, real_feats: Tensor, k: int = 3) -> Tensor:
+    """Per real sample: is it inside the generated k-NN manifold? Its mean is the recall; two
+    models' vectors over the same real samples compare them paired."""
+    return _inside_manifold(real_feats, gen_feats, knn_radii(gen_feats, k))
+
+
+def per_image_diversity(feats: Tensor, labels: Tensor) -> Tensor:
+    """Per image: its mean L2 feature distance to the other images of its prompt (0 for a prompt's
+    only image). With the same number of images per prompt, the mean is the within-prompt
+    diversity."""
+    out = torch.zeros(len(feats), dtype=torch.float64)
+    for label in labels.unique():
+        mask = labels == label
+        group = feats[mask].double()
+        if len(group) > 1:  # the zero self-distance is left out of the n - 1 others
+            out[mask] = torch.cdist(group, group).sum(1) / (len(group) - 1)
+    return out
 
 
 def within_prompt_diversity(feats: Tensor, labels: Tensor) -> float:
     """Mean over prompts (digits) of the mean pairwise L2 feature distance among the images
     generated for that prompt: how different one prompt's samples are from each other. Report
     it as a ratio to the teacher's on the same prompts and seeds."""
-    per_prompt = []
-    for label in labels.unique():
-        group = feats[labels == label].double()
-        if len(group) < 2:
-            continue
-        dist = torch.cdist(group, group)
-        n = len(group)
-        per_prompt.append(dist.sum() / (n * (n - 1)))  # the zero diagonal is excluded from n(n-1)
+    per_image = per_image_diversity(feats, labels)
+    per_prompt = [per_image[labels == label].mean() for label in labels.unique()
+                  if (labels == label).sum() > 1]
     if not per_prompt:
         raise ValueError("within-prompt diversity needs at least two images of one prompt")
     return torch.stack(per_prompt).mean().item()
+
+
+def paired_bootstrap(a: Tensor, b: Tensor, statistic: Callable[[Tensor, Tensor], Tensor],
+                     confidence: float = 0.9, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of statistic(mean a, mean b): samples resampled with
+    replacement, the same draw for both (paired: sample i is the same prompt and seed, or the
+    same real image, in each). `statistic` takes the (draws,) means, e.g. a - b or a / b."""
+    if len(a) != len(b) or len(a) == 0:
+        raise ValueError(f"a paired bootstrap needs two equally long, non-empty samples, got {len(a)} and {len(b)}")
+    idx = torch.randint(len(a), (draws, len(a)), generator=torch.Generator().manual_seed(seed))
+    values = statistic(a.double()[idx].mean(1), b.double()[idx].mean(1))
+    tail = (1 - confidence) / 2
+    lo, hi = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=values.dtype)).tolist()
+    return lo, hi
 
 
 def held_out_images() -> tuple[Tensor, Tensor]:

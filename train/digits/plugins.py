@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train.digits.data import DIGIT_NAMES
+from train.digits.metrics import paired_bootstrap
 
 STYLE_WORD = "bold"
 INK_THRESHOLD = 0.5  # gray level above which a pixel is ink: the midpoint of [0, 1]
@@ -129,11 +130,7 @@ class PluginEffect:
         a, b = self.per_image, reference.per_image
         if a is None or b is None or len(a) != len(b):
             raise ValueError("a bootstrap interval needs both effects' per-image values, paired")
-        idx = torch.randint(len(a), (draws, len(a)), generator=torch.Generator().manual_seed(seed))
-        ratios = a[idx].mean(1) / b[idx].mean(1)
-        tail = (1 - confidence) / 2
-        lo, hi = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=ratios.dtype)).tolist()
-        return lo, hi
+        return paired_bootstrap(a, b, torch.div, confidence, draws, seed)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,11 @@ from train.digits.metrics import (
     frechet_distance,
     held_out_images,
     knn_radii,
+    paired_bootstrap,
+    per_image_diversity,
     precision_recall,
     prompt_accuracy,
+    real_covered,
     render_digits,
     score_digits,
     within_prompt_diversity,
@@ -88,6 +91,36 @@ def test_within_prompt_diversity_by_hand():
     assert within_prompt_diversity(torch.ones(4, 2), torch.tensor([0, 0, 1, 1])) == 0
     with pytest.raises(ValueError, match="at least two images"):
         within_prompt_diversity(torch.ones(2, 2), torch.tensor([0, 1]))
+    # Per image: prompt 0's two images are 5 from each other; prompt 1's middle image (0, 2)
+    # is 2 from both others, the outer two are 2 and 4 from the others.
+    assert per_image_diversity(feats, labels).tolist() == pytest.approx([5, 5, 3, 2, 3])
+
+
+def test_per_real_sample_coverage_is_the_recall_and_pairs_two_models():
+    g = torch.Generator().manual_seed(0)
+    real = torch.cat([torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g) + 20])
+    both = torch.cat([torch.randn(300, 4, generator=g), torch.randn(300, 4, generator=g) + 20])
+    one = torch.randn(600, 4, generator=g)  # collapsed onto the first mode
+    for gen in (both, one):
+        assert real_covered(gen, real).double().mean().item() == precision_recall(gen, real).recall
+    covered_both, covered_one = real_covered(both, real), real_covered(one, real)
+    assert not covered_one[200:].any()  # the second mode's real samples: uncovered by `one`
+    lo, hi = paired_bootstrap(covered_both.double(), covered_one.double(), torch.sub)
+    diff = covered_both.double().mean() - covered_one.double().mean()
+    assert 0.4 < lo < diff < hi < 0.6
+
+
+def test_paired_bootstrap_interval():
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(400, generator=g)
+    assert paired_bootstrap(a, a, torch.sub) == pytest.approx((0.0, 0.0))  # paired: no spread
+    assert paired_bootstrap(a, a, torch.div) == pytest.approx((1.0, 1.0))
+    noisy = a + 0.1 + 0.05 * torch.randn(400, generator=g)
+    lo90, hi90 = paired_bootstrap(noisy, a, torch.sub, confidence=0.9)
+    lo99, hi99 = paired_bootstrap(noisy, a, torch.sub, confidence=0.99)
+    assert lo99 < lo90 < 0.1 < hi90 < hi99 and hi90 - lo90 < 0.02  # the pairing removes a's spread
+    with pytest.raises(ValueError, match="equally long"):
+        paired_bootstrap(a, a[:3], torch.sub)
 
 
 def test_coverage_metrics_see_a_mode_collapsed_selection_of_real_digits(classifier, train_real):
