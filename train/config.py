@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,9 +80,27 @@ def _learning_rate(obj, *names: str) -> None:
             raise ConfigError(f"{name}: a learning rate must be in (0, 1], got {value}")
 
 
+EMBEDDED_SIZES = ("full", "tiny")
+
+
+def embedded_base(base: str) -> tuple[str, int]:
+    """(size, seed) of an embedded base `digits:<size>[:seed<N>]`: `digits:full` is seed 0's
+    model, `digits:full:seed1` another teacher of the same size built from seed 1 (a base the
+    digits preset was not tuned on)."""
+    parts = base.split(":")
+    if parts[0] != "digits" or not 2 <= len(parts) <= 3:
+        raise ConfigError(f"base: {base!r} is not digits:<size>[:seed<N>] (e.g. digits:full, digits:full:seed1)")
+    _choice("base (digits:<size>)", parts[1], EMBEDDED_SIZES)
+    if len(parts) == 2:
+        return parts[1], 0
+    if not re.fullmatch(r"seed\d+", parts[2]):
+        raise ConfigError(f"base: {parts[2]!r} in {base!r} is not seed<N> (e.g. digits:full:seed1)")
+    return parts[1], int(parts[2][4:])
+
+
 @dataclass
 class ModelConfig:
-    base: str = "digits:full"  # diffusers folder of the base model, or digits:full / digits:tiny (built on first use)
+    base: str = "digits:full"  # diffusers folder of the base model, or digits:full / digits:tiny[:seed<N>] (built on first use)
     cache_dir: str = ""  # cache for embedded models and shards; "" = $DISTILL_CACHE or ~/.cache/lightning-distill
     prediction_type: str = "auto"  # base UNet output: auto (its scheduler config) | epsilon | v_prediction | sample
     frozen_dtype: str = "auto"  # storage dtype of every frozen UNet (base, teacher copies, a LoRA student's weights) and the text encoders: auto (= runtime.mixed_precision's dtype, fp32 with "no") | fp32 | bf16 | fp16; held in bf16/fp16 and computed in fp32 (upcast layer by layer) when mixed_precision is "no"
@@ -92,7 +111,7 @@ class ModelConfig:
         if not self.base:
             raise ConfigError("base: empty; give a diffusers model folder or digits:full / digits:tiny")
         if self.base.startswith("digits:"):
-            _choice("base", self.base, ("digits:full", "digits:tiny"))
+            embedded_base(self.base)
 
 
 @dataclass

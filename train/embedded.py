@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from train.config import ConfigError, DataConfig, ModelConfig, ValidationConfig
+from train.config import ConfigError, DataConfig, ModelConfig, ValidationConfig, embedded_base
 from train.errors import UserError
 from train.files import default_cache_root
 
@@ -45,8 +45,8 @@ def resolve_base(model_cfg: ModelConfig) -> Path:
     """The base model's diffusers folder, checked to be SDXL-style; the embedded digits model
     is built on first use."""
     if is_embedded(model_cfg):
-        size = model_cfg.base.split(":", 1)[1]
-        path = Path(_digits().ensure_digits_model(cache_root(model_cfg), size))
+        size, seed = embedded_base(model_cfg.base)
+        path = Path(_digits().ensure_digits_model(cache_root(model_cfg), size, seed))
     else:
         path = Path(model_cfg.base)
     check_base_layout(path)  # the embedded one too: a damaged cache is named like any folder

@@ -33,7 +33,7 @@ from train.validation import save_grid
 
 
 def resolve_base_dir(base: str) -> Path:
-    """A diffusers folder, or digits:tiny / digits:full (built into the cache on first use)."""
+    """A diffusers folder, or digits:tiny / digits:full[:seed<N>] (built into the cache on first use)."""
     return resolve_base(ModelConfig(base=base))
 
 
@@ -65,7 +65,7 @@ def to_tensor(images: list[Image.Image]) -> Tensor:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--base", required=True, help="base model folder, or digits:tiny / digits:full")
+    parser.add_argument("--base", required=True, help="base model folder, or digits:tiny / digits:full[:seed<N>]")
     parser.add_argument("--export", required=True, type=Path, help="a train.export .safetensors file")
     parser.add_argument("--lora", action="store_true", help="require the export to be a LoRA")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for more prompts")

@@ -117,7 +117,7 @@ def _base_reference(cfg: Config) -> str:
     if hub_id(base):
         return base
     if base.startswith("digits:"):
-        return f"path/to/digits-model-{base.split(':', 1)[1]}"
+        return f"path/to/digits-model-{base.split(':', 1)[1].replace(':', '-')}"
     return f"path/to/{Path(base.rstrip('/')).name}"
 
 

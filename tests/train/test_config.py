@@ -45,7 +45,8 @@ def test_overrides_reach_nested_lists():
     ("stages.2.teacher_steps=16", "stages.2.teacher_steps: 16 must equal the previous stage's student_steps 8"),
     ("stages.1.phases.3.form=lora", "stages.1.phases.3"),
     ("discriminator.renoise_weights=[1,1]", "discriminator.renoise_weights: need 4 non-negative weights"),
-    ("model.base=digits:huge", "model.base: 'digits:huge' is not one of"),
+    ("model.base=digits:huge", "model.base (digits:<size>): 'huge' is not one of ['full', 'tiny']"),
+    ("model.base=digits:full:1", "model.base: '1' in 'digits:full:1' is not seed<N>"),
     ("model.base=/models/sdxl", "validation.prompts: required unless model.base is an embedded"),
     ("nonsense=1", "nonsense: unknown key"),
 ])

@@ -43,6 +43,26 @@ def test_embedded_bases_resolve_into_the_cache(digits_cache):
     assert resolve_train_shards(tiny, DataConfig(train_shards="x-{0..1}.tar")) == "x-{0..1}.tar"
 
 
+def test_an_embedded_base_of_another_seed_is_a_teacher_of_its_own(digits_cache, tmp_path):
+    """digits:<size>:seed<N>: the second teacher of issue #13, built into the cache on first use
+    beside seed 0's, with everything else an embedded base brings."""
+    import json
+
+    from safetensors.torch import load_file
+
+    other = ModelConfig(base="digits:tiny:seed1", cache_dir=str(tmp_path))
+    path = resolve_base(other)
+    assert path.name.startswith("digits-model-tiny-seed1-") and path.parent == tmp_path
+    assert json.loads((path / "digits_model.json").read_text())["seed"] == 1
+    assert resolve_base(other) == path  # built once
+    seed0 = resolve_base(ModelConfig(base="digits:tiny", cache_dir=str(digits_cache)))
+    w0 = load_file(seed0 / "unet" / "diffusion_pytorch_model.safetensors")
+    w1 = load_file(path / "unet" / "diffusion_pytorch_model.safetensors")
+    assert w0.keys() == w1.keys() and any(not w0[k].equal(w1[k]) for k in w0)  # another model
+    assert validation_prompts(other, ValidationConfig()) == list(DIGIT_PROMPTS)
+    assert resolve_train_shards(other, DataConfig()) == ensure_digits_shards(tmp_path).train_urls
+
+
 def test_a_folder_base_brings_nothing(tmp_path):
     with pytest.raises(UserError, match="not a diffusers model folder"):
         resolve_base(ModelConfig(base=str(tmp_path)))
