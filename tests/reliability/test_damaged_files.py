@@ -53,7 +53,10 @@ def interrupted(reference, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("interrupted") / "run"
     proc = start_train(reference.config, out, reference.cache)
     deadline = time.time() + 600
-    while time.time() < deadline and not (out / PHASE / "checkpoint-3").is_dir():
+    # checkpoint-3 is renamed into place complete, and only then is the oldest (checkpoint-1)
+    # pruned: wait for both, or a kill between them leaves three checkpoints behind
+    while time.time() < deadline and not ((out / PHASE / "checkpoint-3").is_dir()
+                                          and not (out / PHASE / "checkpoint-1").exists()):
         assert proc.poll() is None, "the run ended before it could be interrupted"
         time.sleep(0.01)
     kill9(proc)
