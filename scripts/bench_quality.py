@@ -69,7 +69,7 @@ from train.digits.metrics import (  # noqa: E402
     per_image_diversity,
     real_covered,
     render_digits,
-    score_digits,
+    score_features,
 )
 from train.embedded import cache_root, resolve_base  # noqa: E402
 from train.errors import add_debug_flag, run_cli  # noqa: E402
@@ -119,21 +119,19 @@ class CoverageSamples:
     diversity: torch.Tensor  # (images,) each image's mean feature distance to its prompt's others
 
 
-def evaluate_row(name: str, pipe, steps: int, guidance: float, per_digit: int, classifier, real,
+def evaluate_row(name: str, pipe, steps: int, guidance: float, per_digit: int, classifier, real_feats,
                  grid_images: dict, seed: int, coverage: dict | None = None) -> Row:
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
     rendered = render_digits(pipe, steps, per_digit, guidance, seed)
     elapsed = time.perf_counter() - start
-    result = score_digits(rendered, steps, guidance, classifier, real)
+    gen_feats = classifier_features(classifier, rendered.images)
+    result = score_features(gen_feats, rendered.labels, steps, guidance, classifier, real_feats)
     # the first (up to) 4 images of each digit for the side-by-side grid
     shown = min(4, per_digit)
     idx = torch.cat([torch.arange(d * per_digit, d * per_digit + shown) for d in range(10)])
     grid_images[(name, steps)] = rendered.images[idx]
     if coverage is not None:
-        with torch.no_grad():
-            gen_feats = classifier_features(classifier, rendered.images)
-            real_feats = classifier_features(classifier, real)
         coverage[(name, steps)] = CoverageSamples(real_covered(gen_feats, real_feats).double(),
                                                   per_image_diversity(gen_feats, rendered.labels))
     row = Row(name, steps, result.fd, result.accuracy, result.precision, result.recall,
@@ -292,7 +290,7 @@ def main(argv=None) -> int:
     base_dir = resolve_base(base_cfg.model)
     guidance = float(read_model_info(base_dir).get("guidance_scale", base_cfg.stages[0].guidance_scale))
     classifier = ensure_digits_classifier(cache_root(base_cfg.model))
-    real = held_out_images()[0]
+    real_feats = classifier_features(classifier, held_out_images()[0])  # once, for every row
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     rows: list[Row] = []
@@ -300,7 +298,7 @@ def main(argv=None) -> int:
     coverage: dict[tuple[str, int], CoverageSamples] = {}  # the first training seed's rows
     teacher = load_pipeline(base_dir)
     for steps in sorted({32, *args.teacher_steps}, reverse=True):
-        rows.append(evaluate_row("teacher", teacher, steps, guidance, args.per_digit, classifier, real,
+        rows.append(evaluate_row("teacher", teacher, steps, guidance, args.per_digit, classifier, real_feats,
                                  grid_images, args.seed, coverage))
     del teacher
     for (name, seed), run in runs.items():
@@ -312,7 +310,7 @@ def main(argv=None) -> int:
                 continue
             pipe, info = load_pipeline(base_dir, path), read_export_info(path)
             row = evaluate_row(row_name(name), pipe, info.num_inference_steps, 0.0, args.per_digit,
-                               classifier, real, shown, args.seed, coverage if first else None)
+                               classifier, real_feats, shown, args.seed, coverage if first else None)
             rows.append(replace(row, train_seed=seed))
 
     out = Path(args.out)

@@ -275,16 +275,22 @@ def score_digits(rendered: RenderedDigits, num_steps: int, guidance_scale: float
                  classifier: DigitClassifier, real_images: Tensor) -> EvalResult:
     """FD, precision/recall to `real_images`, prompt accuracy and within-prompt diversity of
     already rendered digits (one feature pass each for the generated and the real images)."""
+    return score_features(classifier_features(classifier, rendered.images), rendered.labels, num_steps,
+                          guidance_scale, classifier, classifier_features(classifier, real_images))
+
+
+def score_features(gen_feats: Tensor, labels: Tensor, num_steps: int, guidance_scale: float,
+                   classifier: DigitClassifier, real_feats: Tensor) -> EvalResult:
+    """`score_digits` from the classifier features already computed (a caller that also needs
+    the features, or scores many sets against one real set, computes each once)."""
     with torch.no_grad():
-        gen_feats = classifier_features(classifier, rendered.images)
-        real_feats = classifier_features(classifier, real_images)
         pred = classifier.head(gen_feats).argmax(1)
-    hits = (pred == rendered.labels).float()
-    per_digit_acc = tuple(hits[rendered.labels == d].mean().item() for d in range(10))
+    hits = (pred == labels).float()
+    per_digit_acc = tuple(hits[labels == d].mean().item() for d in range(10))
     pr = precision_recall(gen_feats, real_feats)
-    return EvalResult(num_steps, guidance_scale, len(rendered.images),
+    return EvalResult(num_steps, guidance_scale, len(gen_feats),
                       frechet_distance(gen_feats, real_feats), hits.mean().item(), per_digit_acc,
-                      pr.precision, pr.recall, within_prompt_diversity(gen_feats, rendered.labels))
+                      pr.precision, pr.recall, within_prompt_diversity(gen_feats, labels))
 
 
 def evaluate_pipeline(pipe, num_steps: int, per_digit: int = 20, guidance_scale: float = 0.0,
