@@ -278,6 +278,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-only", action="store_true",
                    help="train what is missing and stop (e.g. several seeds in parallel processes)")
     p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--device", default="cpu",
+                   help='where the rows render, e.g. "cuda" (the noise is drawn on the CPU either way, so '
+                        'only kernel rounding differs; compare rows within one table)')
     add_debug_flag(p)
     args = p.parse_args(argv)
 
@@ -296,7 +299,7 @@ def main(argv=None) -> int:
     rows: list[Row] = []
     grid_images: dict = {}
     coverage: dict[tuple[str, int], CoverageSamples] = {}  # the first training seed's rows
-    teacher = load_pipeline(base_dir)
+    teacher = load_pipeline(base_dir, device=args.device)
     for steps in sorted({32, *args.teacher_steps}, reverse=True):
         rows.append(evaluate_row("teacher", teacher, steps, guidance, args.per_digit, classifier, real_feats,
                                  grid_images, args.seed, coverage))
@@ -308,7 +311,7 @@ def main(argv=None) -> int:
             if not path.is_file():
                 print(f"[bench] {name}: no export {path.name}; row skipped", flush=True)
                 continue
-            pipe, info = load_pipeline(base_dir, path), read_export_info(path)
+            pipe, info = load_pipeline(base_dir, path, device=args.device), read_export_info(path)
             row = evaluate_row(row_name(name), pipe, info.num_inference_steps, 0.0, args.per_digit,
                                classifier, real_feats, shown, args.seed, coverage if first else None)
             rows.append(replace(row, train_seed=seed))

@@ -126,13 +126,13 @@ def validation_prompts(model_cfg: ModelConfig, validation_cfg: ValidationConfig)
 
 
 def evaluate_export(model_cfg: ModelConfig, export: str | os.PathLike,
-                    per_digit: int) -> dict[str, float]:
+                    per_digit: int, device: str = "cpu") -> dict[str, float]:
     """EVAL_METRICS of an export of a run on an embedded base: rendered through the diffusers
     pipeline at the export's own step count, guidance off, scored by the embedded evaluator."""
     if not is_embedded(model_cfg):
         raise UserError(f"model.base: {model_cfg.base} is not an embedded model", "--eval",
                         "only exports of digits:* runs can be evaluated (the evaluator knows only the digits)")
     result = _digits().evaluate_export(resolve_base(model_cfg), export, per_digit,
-                                       cache_root=cache_root(model_cfg))
+                                       cache_root=cache_root(model_cfg), device=device)
     return {"digits_fd": result.fd, "prompt_accuracy": result.accuracy,
             "precision": result.precision, "recall": result.recall, "diversity": result.diversity}

@@ -397,7 +397,8 @@ def _unet_export(stage_json: Path) -> Path | None:
     return unets[0] if unets else None
 
 
-def evaluate_run(sweep: Sweep, run: SweepRun, per_digit: int) -> dict[str, dict[str, float]]:
+def evaluate_run(sweep: Sweep, run: SweepRun, per_digit: int,
+                 device: str = "cpu") -> dict[str, dict[str, float]]:
     """EVAL_METRICS (the embedded evaluator's: digits-FD, prompt accuracy) of each finished
     stage's UNet export at its own step count, rendered through the diffusers pipeline; cached
     in root/eval/<name>.json (keyed by the export's mtime and per_digit). Only for runs whose
@@ -415,7 +416,7 @@ def evaluate_run(sweep: Sweep, run: SweepRun, per_digit: int) -> dict[str, dict[
                "metrics": list(EVAL_METRICS)}  # an evaluator with new metrics scores again
         hit = cache.get(stage)
         if not (hit and all(hit.get(k) == v for k, v in key.items())):
-            hit = {**key, **_evaluate_export(run.config, export, per_digit)}
+            hit = {**key, **_evaluate_export(run.config, export, per_digit, device)}
             cache[stage] = hit
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             cache_path.write_text(json.dumps(cache, indent=2) + "\n")
@@ -423,14 +424,14 @@ def evaluate_run(sweep: Sweep, run: SweepRun, per_digit: int) -> dict[str, dict[
     return results
 
 
-def _evaluate_export(cfg: Config, export: Path, per_digit: int) -> dict[str, float]:
+def _evaluate_export(cfg: Config, export: Path, per_digit: int, device: str) -> dict[str, float]:
     # diffusers/transformers only here: --dry-run, --commands and --collect-only never load them.
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()  # per-component loading bars, for every export
     transformers_logging.disable_progress_bar()
-    metrics = evaluate_export(cfg.model, export, per_digit)
+    metrics = evaluate_export(cfg.model, export, per_digit, device)
     print(f"    eval {export.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
     return metrics
 
@@ -571,10 +572,10 @@ def write_results(sweep: Sweep, rows: list[dict[str, Any]]) -> tuple[Path, Path]
     return md_path, csv_path
 
 
-def collect(sweep: Sweep, eval_per_digit: int | None = None) -> tuple[Path, Path]:
+def collect(sweep: Sweep, eval_per_digit: int | None = None, eval_device: str = "cpu") -> tuple[Path, Path]:
     evals = None
     if eval_per_digit is not None:
-        evals = {run.name: evaluate_run(sweep, run, eval_per_digit) for run in sweep.runs}
+        evals = {run.name: evaluate_run(sweep, run, eval_per_digit, eval_device) for run in sweep.runs}
     return write_results(sweep, result_rows(sweep, evals))
 
 
@@ -614,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
                              "stage's UNet export (digits models), and the plot fd_vs_steps.png")
     parser.add_argument("--eval-per-digit", type=_at_least_two, default=20,
                         help="images per digit for --eval (>= 2: diversity compares images of one digit)")
+    parser.add_argument("--eval-device", default="cpu",
+                        help='where --eval renders, e.g. "cuda" (the noise is drawn on the CPU either way)')
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     sweep = load_sweep(args.sweep)
@@ -625,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
             print(shlex.join(train_command(sweep, run, args.launcher)))
         return 0
     failed = [] if args.collect_only else run_sweep(sweep, args.launcher)
-    md_path, csv_path = collect(sweep, args.eval_per_digit if args.eval else None)
+    md_path, csv_path = collect(sweep, args.eval_per_digit if args.eval else None, args.eval_device)
     print(f"==> results: {md_path} {csv_path}")
     if failed:
         print(f"==> {len(failed)} of {len(sweep.runs)} runs failed: {', '.join(failed)}", file=sys.stderr)

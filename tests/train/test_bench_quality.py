@@ -103,7 +103,7 @@ def test_direct_adversarial_variant_trains_and_gets_coverage_rows(digits_cache, 
         [sys.executable, "scripts/bench_quality.py", "--config", "configs/tiny.yaml",
          "--override", f"model.cache_dir={digits_cache}", "--variants", "direct-4",
          "--teacher-steps", "4", "--per-digit", "2", "--runs-root", str(tmp_path / "runs"),
-         "--out", str(out)],
+         "--out", str(out), "--device", "cpu"],
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((out / "bench_results.json").read_text())

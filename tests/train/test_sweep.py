@@ -308,7 +308,7 @@ def test_collect_only_with_eval(short_sweep):
     tmp, sweep, _ = short_sweep
     too_few = _sweep_cli(sweep, "--collect-only", "--eval", "--eval-per-digit", "1")
     assert too_few.returncode == 2 and "needs at least 2 images per digit" in too_few.stderr
-    result = _sweep_cli(sweep, "--collect-only", "--eval", "--eval-per-digit", "2")
+    result = _sweep_cli(sweep, "--collect-only", "--eval", "--eval-per-digit", "2", "--eval-device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "==> [" not in result.stdout  # nothing ran
     rows = _read_csv(tmp / "root" / "results.csv")

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help="save sample grids, e.g. docs/digits_{steps}.png")
     p.add_argument("--cache-root", default=None)
+    p.add_argument("--device", default="cpu",
+                   help='where the pipeline renders, e.g. "cuda" (the noise is drawn on the CPU either way)')
     add_debug_flag(p)
     args = p.parse_args(argv)
     if args.per_digit < 2:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     if guidance is None:
         has_info = (Path(args.model) / INFO_FILE).exists()
         guidance = read_model_info(args.model)["guidance_scale"] if has_info else 0.0
-    pipe = load_pipeline(args.model, args.export, prediction_type=args.prediction_type)
+    pipe = load_pipeline(args.model, args.export, prediction_type=args.prediction_type, device=args.device)
     classifier = ensure_digits_classifier(args.cache_root)
     real, real_labels = held_out_images()
     data, split = digits_images(), digits_split()

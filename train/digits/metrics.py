@@ -306,11 +306,13 @@ def evaluate_pipeline(pipe, num_steps: int, per_digit: int = 20, guidance_scale:
 
 
 def evaluate_export(base_dir: str | os.PathLike, export_path: str | os.PathLike, per_digit: int,
-                    seed: int = 0, cache_root: str | os.PathLike | None = None) -> EvalResult:
+                    seed: int = 0, cache_root: str | os.PathLike | None = None,
+                    device: str = "cpu") -> EvalResult:
     """An export applied to its base model as users apply it, rendered at the step count it was
     distilled for with guidance off (distilled students are sampled without CFG, METHOD.md §6)
-    and scored against the held-out digits."""
-    pipe = load_pipeline(base_dir, export_path)
+    and scored against the held-out digits. device: where the pipeline renders ("cuda" on a
+    GPU machine; the noise is drawn on the CPU either way, so only kernel rounding differs)."""
+    pipe = load_pipeline(base_dir, export_path, device=device)
     steps = read_export_info(export_path).num_inference_steps
     return evaluate_pipeline(pipe, steps, per_digit, guidance_scale=0.0, seed=seed,
                              cache_root=cache_root)
