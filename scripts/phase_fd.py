@@ -24,7 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from train.config import load_config  # noqa: E402
-from train.digits.metrics import ensure_digits_classifier, evaluate_pipeline, held_out_images  # noqa: E402
+from train.digits.metrics import (  # noqa: E402
+    classifier_features,
+    ensure_digits_classifier,
+    held_out_images,
+    render_digits,
+    score_features,
+)
 from train.embedded import cache_root, is_embedded, resolve_base  # noqa: E402
 from train.errors import UserError, add_debug_flag, run_cli  # noqa: E402
 from train.models import folded_weights, load_student_tensors  # noqa: E402
@@ -77,15 +83,16 @@ def evaluate_run(run: Path, per_digit: int, device: str, seed: int = 0) -> list[
                         "only digits:* runs can be scored (the evaluator knows only the digits)")
     base = resolve_base(cfg.model)
     classifier = ensure_digits_classifier(cache_root(cfg.model))
-    real = held_out_images()[0]
+    real_feats = classifier_features(classifier, held_out_images()[0])  # once, for every row
     results = []
     for steps, rows in stage_finals(run):
         for name, final in rows:
             prediction_type, state = student_state(final)
             pipe = load_pipeline(base, prediction_type=prediction_type, device=device)
             pipe.unet.load_state_dict(state)
-            r = evaluate_pipeline(pipe, steps, per_digit, guidance_scale=0.0, seed=seed,
-                                  classifier=classifier, real_images=real)
+            rendered = render_digits(pipe, steps, per_digit, guidance_scale=0.0, seed=seed)
+            r = score_features(classifier_features(classifier, rendered.images), rendered.labels, steps, 0.0,
+                               classifier, real_feats)
             results.append(PhaseResult(run.name, steps, name, r.fd, r.accuracy, r.recall))
             print(f"[phase_fd] {run.name} {steps}step {name}: FD {r.fd:.1f}", flush=True)
     return results
